@@ -1,0 +1,1 @@
+"""Adapters between vgen and the original implementations' checkpoints, configs and calling conventions."""

@@ -1,0 +1,179 @@
+"""Compatibility with the original VGen code (github.com/ali-vilab/VGen).
+
+Users bring VGen checkpoints and configs; this module builds the equivalent vgen model from the original class
+name and constructor kwargs, converts state dicts both ways (original key names and shapes, exactly), and calls
+the model with the original forward argument names.
+
+    model = build_unet("UNetSD_I2VGen", kwargs)          # kwargs as in VGen's cfg.UNet
+    load_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
+    out = forward(model, x, t, y=y, image=image, local_image=local_image, fps=fps)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from vgen.models.unet3d import UNet3D, UNet3DConfig
+
+log = logging.getLogger(__name__)
+
+# Our module path prefix -> the original's. Applied in order, first match wins; the rest of the key is kept.
+_PREFIX_RULES: tuple[tuple[str, str], ...] = (
+    ("image_tokens.mlp.", "context_embedding."),
+    ("fps_embed.", "fps_embedding."),
+    ("first_frame.concat_encoder.", "local_image_concat."),
+    ("first_frame.temporal_encoder.", "local_temporal_encoder."),
+    ("first_frame.token_encoder.", "local_image_embedding."),
+)
+# Inner renames (the original's spelling is kept in its checkpoints).
+_INNER_RULES: tuple[tuple[str, str], ...] = ((".temporal_conv.", ".temopral_conv."),)
+
+# Constructor arguments of the original classes that have no effect on the network built by the released code
+# (dead branches, training-time flags, bookkeeping). They are accepted and ignored, as the original does.
+_INERT_KWARGS = frozenset({
+    "config", "hist_dim", "dim_condition", "temporal_attn_times", "use_checkpoint", "use_sim_mask", "training",
+    "inpainting", "p_all_zero", "p_all_keep", "zero_y", "adapter_transformer_layers_unused", "upper_len",
+    "default_fps", "misc_dropout", "use_scale_shift_norm", "concat_dim", "y_dim_unused",
+})
+
+SUPPORTED_CLASSES = ("UNetSD_T2VBase", "UNetSD_I2VGen", "UNetSD_SR600")
+
+# Defaults of the original constructors (used when a kwarg is absent).
+_ORIGINAL_DEFAULTS = dict(
+    in_dim=4, dim=512, y_dim=512, context_dim=512, out_dim=6, num_tokens=4, dim_mult=[1, 2, 3, 4], num_heads=None,
+    head_dim=64, num_res_blocks=3, attn_scales=[1 / 2, 1 / 4, 1 / 8], dropout=0.1, temporal_attention=True,
+    use_image_dataset=False, use_fps_condition=False, adapter_transformer_layers=1,
+)
+_CLASS_DEFAULTS = {"UNetSD_I2VGen": dict(in_dim=7), "UNetSD_SR600": dict(in_dim=7)}
+
+_FORWARD_ARGS = {
+    "UNetSD_T2VBase": ("y", "fps"),
+    "UNetSD_I2VGen": ("y", "image", "local_image", "fps"),
+    "UNetSD_SR600": ("y",),
+}
+# Forward arguments the originals accept but ignore with released configs (checked against the goldens).
+_INERT_FORWARD_ARGS = {
+    "UNetSD_T2VBase": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
+    "UNetSD_I2VGen": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
+    "UNetSD_SR600": ("x_lr", "fps", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
+}
+
+
+def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> UNet3DConfig:
+    """Translate an original ``cfg.UNet`` kwargs dict for ``class_name`` into a :class:`UNet3DConfig`."""
+    if class_name not in SUPPORTED_CLASSES:
+        raise ValueError(f"unsupported VGen UNet class {class_name!r}; supported: {list(SUPPORTED_CLASSES)}")
+    known = set(_ORIGINAL_DEFAULTS) | _INERT_KWARGS
+    unknown = sorted(set(constructor_kwargs) - known)
+    if unknown:
+        log.warning("ignoring constructor kwargs unknown to %s (the original accepts **kwargs): %s", class_name, unknown)
+    kw = {**_ORIGINAL_DEFAULTS, **_CLASS_DEFAULTS.get(class_name, {}), **constructor_kwargs}
+    if kw["use_image_dataset"]:
+        raise ValueError("use_image_dataset=True (temporal branches multiplied by zero) is not supported: no "
+                         "released VGen config uses it")
+    dim = kw["dim"]
+    i2vgen = class_name == "UNetSD_I2VGen"
+    return UNet3DConfig(
+        in_channels=kw["in_dim"],
+        out_channels=kw["out_dim"],
+        model_channels=dim,
+        channel_mult=tuple(kw["dim_mult"]),
+        num_res_blocks=kw["num_res_blocks"],
+        attention_scales=tuple(kw["attn_scales"]),
+        head_dim=kw["head_dim"],
+        init_temporal_heads=kw["num_heads"] or dim // 32,
+        context_dim=kw["context_dim"],
+        temporal_attention=kw["temporal_attention"],
+        dropout=kw["dropout"],
+        fps_condition=i2vgen or (class_name == "UNetSD_T2VBase" and bool(kw["use_fps_condition"])),
+        image_tokens=kw["num_tokens"] if i2vgen else 0,
+        image_dim=kw["y_dim"],
+        first_frame_condition=i2vgen,
+        first_frame_encoder_depth=kw["adapter_transformer_layers"],
+        resample="sr600" if class_name == "UNetSD_SR600" else "standard",
+        skip_filters=((1.1, 0.6), (1.2, 0.4)) if class_name == "UNetSD_SR600" else (),
+        gradient_checkpointing=False,
+    )
+
+
+def build_unet(class_name: str, constructor_kwargs: Mapping) -> UNet3D:
+    """Build the vgen equivalent of VGen's ``class_name(**constructor_kwargs)``."""
+    model = UNet3D(unet_config_from_original(class_name, constructor_kwargs))
+    model.vgen_original_class = class_name
+    return model
+
+
+def to_original_key(key: str) -> str:
+    for ours, theirs in _PREFIX_RULES:
+        if key.startswith(ours):
+            key = theirs + key[len(ours):]
+            break
+    for ours, theirs in _INNER_RULES:
+        key = key.replace(ours, theirs)
+    return key
+
+
+def from_original_key(key: str) -> str:
+    for theirs, ours in ((t, o) for o, t in _PREFIX_RULES):
+        if key.startswith(theirs):
+            key = ours + key[len(theirs):]
+            break
+    for ours, theirs in _INNER_RULES:
+        key = key.replace(theirs, ours)
+    return key
+
+
+def state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The model's weights under the original key names (same shapes, same order)."""
+    return OrderedDict((to_original_key(k), v) for k, v in model.state_dict().items())
+
+
+def load_state_dict(model: nn.Module, original_state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load an original VGen state dict strictly.
+
+    Accepts the raw dict or a ``{'state_dict': ...}`` checkpoint, and strips a DDP ``module.`` prefix. Raises
+    ``KeyError`` listing every missing, unexpected and shape-mismatched key (original names) before touching the
+    model. Values are cast to each parameter's dtype (e.g. fp16 checkpoints into an fp32 model).
+    """
+    if "state_dict" in original_state_dict and isinstance(original_state_dict["state_dict"], Mapping):
+        original_state_dict = original_state_dict["state_dict"]
+    expected = state_dict(model)
+    given = OrderedDict(
+        (k[len("module."):] if k.startswith("module.") else k, v) for k, v in original_state_dict.items()
+    )
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"state dict does not match {getattr(model, 'vgen_original_class', type(model).__name__)}:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        raise KeyError("\n".join(lines))
+    model.load_state_dict(OrderedDict((from_original_key(k), v) for k, v in given.items()), strict=True)
+
+
+def forward(model: UNet3D, x: torch.Tensor, t: torch.Tensor, **original_inputs) -> torch.Tensor:
+    """Call ``model`` with the original forward argument names (``y``, ``image``, ``local_image``, ``fps``...)."""
+    class_name = getattr(model, "vgen_original_class", None)
+    if class_name is None:
+        raise ValueError("model was not built by vgen.compat.vgen.build_unet; call it directly instead")
+    used, inert = _FORWARD_ARGS[class_name], _INERT_FORWARD_ARGS[class_name]
+    unknown = sorted(set(original_inputs) - set(used) - set(inert))
+    if unknown:
+        raise TypeError(f"{class_name}.forward got unexpected arguments {unknown}; accepted: {list(used + inert)}")
+    inputs = {k: v for k, v in original_inputs.items() if k in used}
+    if class_name == "UNetSD_T2VBase" and not model.config.fps_condition:
+        inputs.pop("fps", None)
+    return model(
+        x, t, text=inputs.get("y"), image=inputs.get("image"), first_frame=inputs.get("local_image"),
+        fps=inputs.get("fps"),
+    )

@@ -1,0 +1,254 @@
+"""Building blocks of the VGen/ModelScope 3D UNet.
+
+Layout convention: spatial layers see frames folded into the batch, ``[(B F), C, H, W]``; temporal layers unfold
+to ``[B, C, F, H, W]`` internally. Every block takes ``(x, emb, context, num_frames)`` so the UNet can run (and
+activation-checkpoint) them uniformly.
+
+Numerical details that matter for weight compatibility with the original code:
+* GroupNorm statistics are per frame in ResBlocks/spatial transformers but span all frames in the temporal conv
+  and temporal transformer (their GroupNorm sees 5-D input). eps 1e-5 for ResBlocks/temporal convs, 1e-6 for
+  transformers.
+* Temporal attention has no positional encoding, and both of its attention layers are self-attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vgen.models.attention import Attention, multihead_attention
+
+
+def fold_frames(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, F, H, W] -> [(B F), C, H, W]."""
+    b, c, f, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+def unfold_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """[(B F), C, H, W] -> [B, C, F, H, W]."""
+    bf, c, h, w = x.shape
+    return x.reshape(bf // num_frames, num_frames, c, h, w).transpose(1, 2)
+
+
+class GEGLUFeedForward(nn.Module):
+    """Linear -> (value * gelu(gate)) -> dropout -> Linear, hidden width ``mult * dim``."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        hidden = dim * mult
+        self.net = nn.Sequential(_GEGLU(dim, hidden), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention, cross-attention (self when ``context_dim`` is None), GEGLU FF."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float = 0.0):
+        super().__init__()
+        self.attn1 = Attention(dim, heads, head_dim, None, dropout)
+        self.ff = GEGLUFeedForward(dim, dropout=dropout)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Per-frame transformer over the H*W tokens with cross-attention to ``context``."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, context_dim)])
+        # The original constructs this as Linear(channels, inner); the shapes only agree because inner == channels.
+        self.proj_out = nn.Linear(channels, inner)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, emb=None, context=None, num_frames=1):
+        n, c, h, w = x.shape
+        residual = x
+        x = self.norm(x).flatten(2).transpose(1, 2)
+        x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        x = self.proj_out(x)
+        return x.transpose(1, 2).reshape(n, c, h, w) + residual
+
+
+class TemporalTransformer(nn.Module):
+    """Transformer over the frames at each spatial position (no positional encoding, self-attention only)."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Conv1d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None)])
+        self.proj_out = nn.Conv1d(inner, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, emb=None, context=None, num_frames=1):
+        video = unfold_frames(x, num_frames)  # [B, C, F, H, W]
+        b, c, f, h, w = video.shape
+        tokens = self.norm(video).permute(0, 3, 4, 1, 2).reshape(b * h * w, c, f)
+        tokens = self.proj_in(tokens).transpose(1, 2)  # [(B H W), F, inner]
+        for block in self.transformer_blocks:
+            tokens = block(tokens)
+        tokens = self.proj_out(tokens.transpose(1, 2))  # [(B H W), C, F]
+        out = tokens.reshape(b, h, w, c, f).permute(0, 3, 4, 1, 2) + video
+        return fold_frames(out)
+
+
+class TemporalConvBlock(nn.Module):
+    """Four (GroupNorm, SiLU, [Dropout], Conv3d(3,1,1)) stages over time with a residual; last conv zero-init."""
+
+    def __init__(self, channels: int, dropout: float = 0.1):
+        super().__init__()
+
+        def stage(with_dropout: bool) -> nn.Sequential:
+            layers = [nn.GroupNorm(32, channels), nn.SiLU()]
+            if with_dropout:
+                layers.append(nn.Dropout(dropout))
+            layers.append(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+            return nn.Sequential(*layers)
+
+        self.conv1 = stage(False)
+        self.conv2 = stage(True)
+        self.conv3 = stage(True)
+        self.conv4 = stage(True)
+        nn.init.zeros_(self.conv4[-1].weight)
+        nn.init.zeros_(self.conv4[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, F, H, W]
+        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+
+
+class ResBlock(nn.Module):
+    """2-D residual block with an additive timestep embedding, followed by a temporal conv block."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(32, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.out_layers[-1].weight)
+        nn.init.zeros_(self.out_layers[-1].bias)
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.temporal_conv = TemporalConvBlock(out_channels, dropout=0.1)
+
+    def forward(self, x, emb=None, context=None, num_frames=1):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[..., None, None]
+        h = self.skip_connection(x) + self.out_layers(h)
+        return fold_frames(self.temporal_conv(unfold_frames(h, num_frames)))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. ``padding=(2, 1)`` gives the SR600 variant's asymmetric pyramid."""
+
+    def __init__(self, channels: int, padding: int | tuple[int, int] = 1):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x, emb=None, context=None, num_frames=1):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then 3x3 conv; ``crop_rows`` drops one row at the top and bottom first (SR600 variant)."""
+
+    def __init__(self, channels: int, crop_rows: bool = False):
+        super().__init__()
+        self.crop_rows = crop_rows
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, emb=None, context=None, num_frames=1):
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.crop_rows:
+            x = x[..., 1:-1, :]
+        return self.conv(x)
+
+
+class _PreNormResidual(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x)) + x
+
+
+class _FusedQKVAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, heads * head_dim * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * head_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        return self.to_out(multihead_attention(q, k, v, self.heads))
+
+
+class _MLP(nn.Module):
+    def __init__(self, dim: int, out_dim: int, mult: int, dropout: float):
+        super().__init__()
+        hidden = dim * mult
+        self.net = nn.Sequential(nn.Sequential(nn.Linear(dim, hidden), nn.GELU()), nn.Dropout(dropout),
+                                 nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class FrameSequenceEncoder(nn.Module):
+    """Small transformer over a frame sequence: ``x += attn(LN(x)); x += mlp(x)`` per layer.
+
+    The MLP is deliberately *not* pre-normed (as in I2VGen-XL's local temporal encoder).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, depth: int = 1, dropout: float = 0.05):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleList([_PreNormResidual(dim, _FusedQKVAttention(dim, heads, head_dim, dropout)),
+                           _MLP(dim, dim, 4, dropout)])
+            for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, F, dim]
+        for attn, mlp in self.layers:
+            x = attn(x)
+            x = mlp(x) + x
+        return x
