@@ -1,0 +1,37 @@
+"""Gaussian diffusion for VGen: schedules, eps/v/x0 parameterisation, training loss, DDIM (no Lightning)."""
+
+from vgen.diffusion.build import Diffusion, build_diffusion
+from vgen.diffusion.embedding import sinusoidal_embedding
+from vgen.diffusion.loss import diffusion_loss, sample_timesteps, training_noise
+from vgen.diffusion.parameterization import PREDICTIONS, Parameterization
+from vgen.diffusion.samplers import ddim_invert, ddim_sample, guided_output
+from vgen.diffusion.schedules import (
+    BETA_SCHEDULES,
+    NoiseSchedule,
+    beta_schedule,
+    cosine_sigmas,
+    ddim_timesteps,
+    logsnr_cosine_interp_sigmas,
+    rescale_zero_terminal_snr,
+)
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "PREDICTIONS",
+    "Diffusion",
+    "NoiseSchedule",
+    "Parameterization",
+    "beta_schedule",
+    "build_diffusion",
+    "cosine_sigmas",
+    "ddim_invert",
+    "ddim_sample",
+    "ddim_timesteps",
+    "diffusion_loss",
+    "guided_output",
+    "logsnr_cosine_interp_sigmas",
+    "rescale_zero_terminal_snr",
+    "sample_timesteps",
+    "sinusoidal_embedding",
+    "training_noise",
+]

@@ -1,0 +1,74 @@
+"""Training noise and the per-sample diffusion MSE loss (VGen ``DiffusionDDIM.loss``, loss_type mse)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vgen.diffusion.parameterization import Parameterization
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+def training_noise(
+    like: torch.Tensor, offset_noise_strength: float = 0.1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """N(0, I) plus ``offset_noise_strength`` * N(0, 1) of shape [B, C, F, 1, 1].
+
+    The offset is one value per (sample, channel, frame), constant over the two trailing (spatial) dims.
+    """
+    noise = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    if offset_noise_strength:
+        offset_shape = (*like.shape[:-2], 1, 1)
+        offset = torch.randn(offset_shape, generator=generator, dtype=like.dtype, device=like.device)
+        noise = noise + offset_noise_strength * offset
+    return noise
+
+
+def sample_timesteps(
+    batch_size: int, num_timesteps: int, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One uniform integer timestep in [0, T) per sample (int64)."""
+    return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
+
+
+def diffusion_loss(
+    model: Denoiser,
+    param: Parameterization,
+    x0: torch.Tensor,
+    model_kwargs: dict[str, Any] | None = None,
+    *,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    offset_noise_strength: float = 0.1,
+    weight: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample loss [B]: mean over non-batch dims of (model(x_t, t) - target)^2.
+
+    ``t`` defaults to uniform timesteps and ``noise`` to :func:`training_noise` (an explicit ``noise`` gets no
+    offset). ``weight`` ([B] or broadcastable to x0) scales the squared error; ``loss_mask`` multiplies both
+    output and target (DreamVideo), the mean still being over every element.
+    """
+    if t is None:
+        t = sample_timesteps(x0.shape[0], param.num_timesteps, x0.device, generator)
+    if noise is None:
+        noise = training_noise(x0, offset_noise_strength, generator)
+    x_t = param.q_sample(x0, t, noise)
+    output = model(x_t, t, **(model_kwargs or {}))
+    target = param.target(x0, noise, t)
+    if loss_mask is not None:
+        output, target = output * loss_mask, target * loss_mask
+    squared_error = (output - target) ** 2
+    if weight is not None:
+        squared_error = squared_error * _per_sample_view(weight, x0)
+    return squared_error.flatten(1).mean(dim=1)
+
+
+def _per_sample_view(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if weight.ndim == 1:
+        return weight.view(-1, *([1] * (like.ndim - 1)))
+    return weight
