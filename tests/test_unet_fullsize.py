@@ -23,6 +23,10 @@ def test_full_size_matches_key_manifest(reference, variant, conf_name):
         model = compat.build_unet(meta["class"], meta["constructor_kwargs"])
     assert _keys(model) == [(k, list(s)) for k, s in meta["state_dict"]]
     assert sum(p.numel() for p in model.parameters()) == meta["num_parameters"]
+    spatial = model.spatial_parameter_names()
+    params = dict(model.named_parameters())
+    assert len(spatial) == meta["keys_in_vgen_spatial_keylist"]
+    assert sum(params[n].numel() for n in spatial) == meta["params_in_vgen_spatial_keylist"]
 
     with initialize_config_dir(config_dir=str(CONF_DIR / "model" / "unet"), version_base="1.3"):
         cfg = compose(config_name=conf_name)

@@ -19,6 +19,7 @@ from vgen.models.blocks import (
     Downsample,
     ResBlock,
     SpatialTransformer,
+    TemporalConvBlock,
     TemporalTransformer,
     Upsample,
     fold_frames,
@@ -98,7 +99,7 @@ class UNet3D(nn.Module):
         )
         self.fps_embed = EmbeddingMLP(dim, embed_dim, zero_init_last=True) if cfg.fps_condition else None
         self.first_frame = (
-            FirstFrameCondition(cfg.in_channels, 1024, cfg.first_frame_encoder_depth)
+            FirstFrameCondition(cfg.in_channels, cfg.context_dim, cfg.first_frame_encoder_depth)
             if cfg.first_frame_condition else None
         )
 
@@ -156,6 +157,19 @@ class UNet3D(nn.Module):
     # ------------------------------------------------------------------ switches
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
+
+    def spatial_parameter_names(self) -> list[str]:
+        """Parameters of the trunk inherited from Stable Diffusion 2.1 (not temporal, not embeddings/conditions).
+
+        This is exactly the set VGen lists in ``stable_diffusion_image_key_temporal_attention_x1.json`` (682 keys
+        at full size), whose gradients the VGen recipe scales by ``grad_scale``.
+        """
+        temporal = {
+            f"{name}.{p}" for name, mod in self.named_modules()
+            if isinstance(mod, (TemporalTransformer, TemporalConvBlock)) for p, _ in mod.named_parameters()
+        }
+        trunk = ("input_blocks.", "middle_block.", "output_blocks.", "out.")
+        return [n for n, _ in self.named_parameters() if n.startswith(trunk) and n not in temporal]
 
     # ------------------------------------------------------------------ forward
     def embed(self, t: torch.Tensor, fps: torch.Tensor | None) -> torch.Tensor:

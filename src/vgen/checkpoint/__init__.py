@@ -1,0 +1,1 @@
+"""Checkpoint formats: vgen training checkpoints, weight export, and adapters to other formats."""

@@ -1,0 +1,5 @@
+import sys
+
+from vgen.checkpoint.export import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""Export model (or EMA) weights from a vgen training checkpoint to a single safetensors file.
+
+    python -m vgen.checkpoint export <ckpt> <out.safetensors> [--ema] [--original-keys]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vgen.compat.vgen import to_original_key
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unet_weights(ckpt: dict, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The UNet state dict of a training checkpoint (its EMA weights with ``ema=True``)."""
+    weights = {k[len("unet."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
+    if ema:
+        if "ema" not in ckpt:
+            raise KeyError("this checkpoint has no EMA weights (trained with stage.ema.enabled=false)")
+        shadow = ckpt["ema"]["shadow"]
+        weights = {k: shadow[k].to(v.dtype) if k in shadow else v for k, v in weights.items()}
+    return weights
+
+
+def export(ckpt_path: str | Path, out_path: str | Path, ema: bool = False, original_keys: bool = False) -> Path:
+    ckpt = load_training_checkpoint(ckpt_path)
+    weights = unet_weights(ckpt, ema)
+    if original_keys:
+        weights = {to_original_key(k): v for k, v in weights.items()}
+    metadata = {"format": "vgen-unet", "weights": "ema" if ema else "model", "global_step": str(ckpt.get("global_step")),
+                "key_names": "original-vgen" if original_keys else "vgen"}
+    unet_cfg = ckpt.get("vgen_config", {}).get("model", {}).get("unet")
+    if unet_cfg is not None:
+        metadata["unet_config"] = json.dumps(unet_cfg)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
+    tmp.replace(out_path)
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vgen.checkpoint", description="vgen checkpoint tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("export", help="write model (or EMA) weights to one safetensors file")
+    p.add_argument("checkpoint", help="training checkpoint (.ckpt)")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw model")
+    p.add_argument("--original-keys", action="store_true", help="use the original VGen key names")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.out, ema=args.ema, original_keys=args.original_keys)
+    except (FileNotFoundError, KeyError) as err:
+        print(f"vgen.checkpoint: error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
