@@ -144,6 +144,12 @@ class VideoDataModule(L.LightningDataModule):
     def _key(index: int) -> str:
         return f"{CONFIG_PREFIX}.sources[{index}]"
 
+    def check_sources(self) -> None:
+        """Fail fast (before any model is built) if an enabled source has no readable shards."""
+        for index, source in enumerate(self.sources):
+            if source.weight > 0:
+                resolve_shards(source.urls, f"{self._key(index)}.urls")
+
     def setup(self, stage: str | None = None) -> None:
         """Resolve and check every enabled source's shards, then build the mixed stream."""
         if self.dataset is not None:

@@ -1,0 +1,118 @@
+"""Sampling entry point: write an H.264 mp4 from a training checkpoint.
+
+    python -m vgen.sample checkpoint=<ckpt> prompt="a red circle moving left" [image=<png/jpg>] \
+        [num_frames=8] [height=32] [width=32] [steps=50] [guidance=9.0] [seed=0] [fps=8] [ema=true] \
+        [negative_prompt="..."] out=<file.mp4>
+
+Defaults for size, frames and fps come from the checkpoint's training config. DDIM with classifier-free guidance
+against the negative prompt (and a zero image embedding for image-to-video models).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from vgen.checkpoint.export import load_training_checkpoint, unet_weights
+from vgen.media import to_uint8_frames, write_mp4
+
+OPTIONS = {
+    "checkpoint": "training checkpoint (.ckpt) to sample from (required)",
+    "prompt": "text prompt (required)",
+    "out": "output mp4 path (required)",
+    "image": "first-frame image (png/jpg) for image-to-video models",
+    "num_frames": "frames to generate",
+    "height": "pixel height",
+    "width": "pixel width",
+    "steps": "DDIM steps",
+    "guidance": "classifier-free guidance scale",
+    "seed": "noise seed",
+    "fps": "fps of the mp4 (and the fps condition of fps-conditioned models)",
+    "ema": "use the EMA weights (true/false)",
+    "negative_prompt": "unconditional prompt for CFG (default: the training negative prompt)",
+}
+REQUIRED = ("checkpoint", "prompt", "out")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    args = {}
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"expected key=value, got {item!r}; keys: {', '.join(OPTIONS)}")
+        if key not in OPTIONS:
+            raise UsageError(f"unknown key {key!r}; valid keys: {', '.join(OPTIONS)}")
+        args[key] = value
+    missing = [k for k in REQUIRED if k not in args]
+    if missing:
+        raise UsageError(f"missing required {', '.join(missing)}; usage: python -m vgen.sample "
+                         "checkpoint=<ckpt> prompt=\"...\" out=<file.mp4> [key=value ...]")
+    return args
+
+
+def load_image(path: str, height: int, width: int) -> torch.Tensor:
+    """Image file -> [1, 3, H, W] in [-1, 1]: resize the short side to fit, then centre crop."""
+    if not Path(path).is_file():
+        raise UsageError(f"image={path}: no such file")
+    image = Image.open(path).convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                         Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    array = np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise UsageError(f"expected true/false, got {value!r}")
+
+
+def sample(args: dict[str, str]) -> Path:
+    ckpt = load_training_checkpoint(args["checkpoint"])
+    cfg = ckpt.get("vgen_config")
+    if cfg is None:
+        raise UsageError(f"{args['checkpoint']} has no vgen_config (not written by vgen.train)")
+    stage = instantiate(cfg["stage"])
+    use_ema = _bool(args.get("ema", "true" if "ema" in ckpt else "false"))
+    stage.unet.load_state_dict(unet_weights(ckpt, ema=use_ema), strict=True)
+    data, shown = cfg.get("data", {}), cfg.get("callbacks", {}).get("sample_videos") or {}
+    width, height = (data.get("resolution") or [shown.get("width", 32), shown.get("height", 32)])
+    height, width = int(args.get("height", height)), int(args.get("width", width))
+    num_frames = int(args.get("num_frames", data.get("num_frames", 8)))
+    fps = int(args.get("fps", data.get("sample_fps", 8)))
+    images = load_image(args["image"], height, width) if "image" in args else None
+    if stage.image_conditioned and images is None:
+        raise UsageError("this checkpoint is an image-to-video model: pass image=<png/jpg>")
+    video = stage.generate([args["prompt"]], num_frames=num_frames, height=height, width=width,
+                           steps=int(args["steps"]) if "steps" in args else None,
+                           guidance=float(args["guidance"]) if "guidance" in args else None,
+                           seed=int(args.get("seed", 0)), negative_prompt=args.get("negative_prompt"),
+                           images=images, fps=fps)
+    return write_mp4(to_uint8_frames(video[0]), args["out"], fps=fps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        path = sample(parse_args(sys.argv[1:] if argv is None else argv))
+    except (UsageError, FileNotFoundError, KeyError) as err:
+        print(f"vgen.sample: error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
