@@ -80,14 +80,22 @@ def _bool(value: str) -> bool:
     raise UsageError(f"expected true/false, got {value!r}")
 
 
-def sample(args: dict[str, str]) -> Path:
-    ckpt = load_training_checkpoint(args["checkpoint"])
+def load_stage(checkpoint: str | Path, ema: bool | None = None):
+    """Rebuild the training stage of a vgen checkpoint (UNet weights loaded; EMA weights by default when saved).
+
+    Returns ``(stage, config)``; the frozen encoders come from the config (their own weights files).
+    """
+    ckpt = load_training_checkpoint(checkpoint)
     cfg = ckpt.get("vgen_config")
     if cfg is None:
-        raise UsageError(f"{args['checkpoint']} has no vgen_config (not written by vgen.train)")
+        raise UsageError(f"{checkpoint} has no vgen_config (not written by vgen.train)")
     stage = instantiate(cfg["stage"])
-    use_ema = _bool(args.get("ema", "true" if "ema" in ckpt else "false"))
-    stage.unet.load_state_dict(unet_weights(ckpt, ema=use_ema), strict=True)
+    stage.unet.load_state_dict(unet_weights(ckpt, ema="ema" in ckpt if ema is None else ema), strict=True)
+    return stage.eval(), cfg
+
+
+def sample(args: dict[str, str]) -> Path:
+    stage, cfg = load_stage(args["checkpoint"], _bool(args["ema"]) if "ema" in args else None)
     data, shown = cfg.get("data", {}), cfg.get("callbacks", {}).get("sample_videos") or {}
     width, height = (data.get("resolution") or [shown.get("width", 32), shown.get("height", 32)])
     height, width = int(args.get("height", height)), int(args.get("width", width))
