@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 
 from conftest import CONF_DIR
 from vgen.checkpoint.ldm_vae import diffusers_to_ldm_vae, ldm_to_diffusers_vae, to_diffusers_vae
+from vgen.models.frozen import load_strict
 from vgen.models.image_encoder import OpenCLIPImageEncoder
 from vgen.models.text_encoder import OpenCLIPTextEncoder, build_clip, clip_config
-from vgen.models.vae import AUTOENCODER_CONFIGS, IdentityAutoencoder, VideoAutoencoder, load_strict
+from vgen.models.vae import AUTOENCODER_CONFIGS, IdentityAutoencoder, VideoAutoencoder
 
 SD_VAE_PARAMETERS = 83_653_863  # Stable Diffusion KL-f8 VAE
 SD_VAE_DECODER_PARAMETERS = 49_490_199  # post_quant_conv + decoder

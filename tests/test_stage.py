@@ -15,8 +15,8 @@ from vgen.stages.base import NEGATIVE_PROMPT
 from vgen.training.ema import EMA
 from vgen.training.optim import warmup_decay_lambda
 
-TINY = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-            attention_scales=(1.0,), head_dim=16, init_temporal_heads=2, context_dim=64, decoder_context_dim=64)
+TINY = {"in_channels": 3, "out_channels": 3, "model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1,
+            "attention_scales": (1.0,), "head_dim": 16, "init_temporal_heads": 2, "context_dim": 64, "decoder_context_dim": 64}
 
 
 @pytest.fixture(scope="module")

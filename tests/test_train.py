@@ -84,7 +84,7 @@ def tiny_overrides(experiment, data_dir, log_dir, *extra):
 def cli(*args, cwd=REPO, env=None):
     env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -119,7 +119,8 @@ def test_resume_auto_continues_from_the_last_checkpoint(trained):
     changed = [k for k in first["state_dict"] if not torch.equal(first["state_dict"][k], ckpt["state_dict"][k])]
     assert changed, "steps 3-4 must have updated the weights"
     # losses were logged for steps 3 and 4 only in the resumed run
-    rows = list(csv.DictReader(open(sorted((out / "csv").glob("version_*/metrics.csv"))[-1])))
+    with open(max((out / "csv").glob("version_*/metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     assert {int(r["step"]) for r in rows if r.get("train/loss")} == {2, 3}
 
 

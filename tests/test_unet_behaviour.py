@@ -6,8 +6,8 @@ import torch
 
 from vgen.models import UNet3D, UNet3DConfig, get_attention_backend, set_attention_backend
 
-TINY = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_scales=(1.0,), head_dim=16,
-            init_temporal_heads=4)
+TINY = {"model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_scales": (1.0,), "head_dim": 16,
+            "init_temporal_heads": 4}
 
 
 def _inputs(batch=2, frames=3, size=8, seed=0):

@@ -41,7 +41,7 @@ def test_tiny_configs_build_and_run(name):
     with initialize_config_dir(config_dir=str(CONF_DIR / "model" / "unet"), version_base="1.3"):
         model = instantiate(compose(config_name=name)).eval()
     x = torch.randn(1, 4, 2, 16, 16)
-    kwargs = dict(text=torch.randn(1, 5, 1024))
+    kwargs = {"text": torch.randn(1, 5, 1024)}
     if model.config.first_frame_condition:
         kwargs.update(first_frame=torch.randn(1, 4, 16, 16), image=torch.randn(1, 1, 1024), fps=torch.tensor([8]))
     with torch.no_grad():

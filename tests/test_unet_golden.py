@@ -6,8 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vgen.compat import vgen as compat
 from conftest import load_reference_json
+from vgen.compat import vgen as compat
 
 VARIANTS = ["t2v_unet_tiny", "i2vgen_xl_unet_tiny", "sr600_unet_tiny"]
 
@@ -63,7 +63,7 @@ def test_state_dict_keys_shapes_and_order(reference, variant):
 
 @pytest.mark.parametrize("variant,case", _cases())
 def test_forward_matches_golden_fp32(reference, variant, case):
-    meta, data = _golden(reference, variant)
+    _meta, data = _golden(reference, variant)
     model = _model(reference, variant)
     inputs = _inputs(data, case, torch.float32)
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_forward_matches_golden_fp32(reference, variant, case):
 
 @pytest.mark.parametrize("variant,case", _cases(fp64_only=True))
 def test_forward_matches_golden_fp64(reference, variant, case):
-    meta, data = _golden(reference, variant)
+    _meta, data = _golden(reference, variant)
     model = _model(reference, variant, torch.float64)
     inputs = _inputs(data, case, torch.float64)
     with torch.no_grad():

@@ -28,8 +28,8 @@ class SampleVideos(L.Callback):
             raise ValueError(f"callbacks.sample_videos.every_n_steps must be > 0, got {every_n_steps}")
         self.prompts = list(prompts)
         self.every_n_steps = every_n_steps
-        self.kwargs = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance,
-                           seed=seed, fps=fps)
+        self.kwargs = {"num_frames": num_frames, "height": height, "width": width, "steps": steps, "guidance": guidance,
+                           "seed": seed, "fps": fps}
         self.fps = fps
         self.output_dir = Path(output_dir)
         self._images: torch.Tensor | None = None

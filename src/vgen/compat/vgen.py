@@ -44,12 +44,12 @@ _INERT_KWARGS = frozenset({
 SUPPORTED_CLASSES = ("UNetSD_T2VBase", "UNetSD_I2VGen", "UNetSD_SR600")
 
 # Defaults of the original constructors (used when a kwarg is absent).
-_ORIGINAL_DEFAULTS = dict(
-    in_dim=4, dim=512, y_dim=512, context_dim=512, out_dim=6, num_tokens=4, dim_mult=[1, 2, 3, 4], num_heads=None,
-    head_dim=64, num_res_blocks=3, attn_scales=[1 / 2, 1 / 4, 1 / 8], dropout=0.1, temporal_attention=True,
-    use_image_dataset=False, use_fps_condition=False, adapter_transformer_layers=1,
-)
-_CLASS_DEFAULTS = {"UNetSD_I2VGen": dict(in_dim=7), "UNetSD_SR600": dict(in_dim=7)}
+_ORIGINAL_DEFAULTS = {
+    "in_dim": 4, "dim": 512, "y_dim": 512, "context_dim": 512, "out_dim": 6, "num_tokens": 4, "dim_mult": [1, 2, 3, 4], "num_heads": None,
+    "head_dim": 64, "num_res_blocks": 3, "attn_scales": [1 / 2, 1 / 4, 1 / 8], "dropout": 0.1, "temporal_attention": True,
+    "use_image_dataset": False, "use_fps_condition": False, "adapter_transformer_layers": 1,
+}
+_CLASS_DEFAULTS = {"UNetSD_I2VGen": {"in_dim": 7}, "UNetSD_SR600": {"in_dim": 7}}
 
 _FORWARD_ARGS = {
     "UNetSD_T2VBase": ("y", "fps"),
@@ -128,7 +128,7 @@ def from_original_key(key: str) -> str:
     return key
 
 
-def state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+def state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """The model's weights under the original key names (same shapes, same order)."""
     return OrderedDict((to_original_key(k), v) for k, v in model.state_dict().items())
 
@@ -144,7 +144,7 @@ def load_state_dict(model: nn.Module, original_state_dict: Mapping[str, torch.Te
         original_state_dict = original_state_dict["state_dict"]
     expected = state_dict(model)
     given = OrderedDict(
-        (k[len("module."):] if k.startswith("module.") else k, v) for k, v in original_state_dict.items()
+        (k.removeprefix("module."), v) for k, v in original_state_dict.items()
     )
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]

@@ -37,10 +37,10 @@ def get_attention_backend() -> str:
 @functools.lru_cache(maxsize=1)
 def _xformers_ops():
     try:
-        import xformers.ops as xops  # noqa: PLC0415 - optional GPU extra, imported lazily
+        import xformers.ops as xops
 
         return xops
-    except Exception:  # ImportError, or a broken build that fails at import
+    except Exception:  # noqa: BLE001 - ImportError, or a broken build that fails at import
         return None
 
 

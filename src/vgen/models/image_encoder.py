@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from vgen.models.frozen import FrozenModule
 from vgen.models.text_encoder import build_clip, clip_config
-from vgen.models.vae import FrozenModule
 
 
 class OpenCLIPImageEncoder(FrozenModule):

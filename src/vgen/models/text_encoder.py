@@ -12,7 +12,7 @@ import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from vgen.models.vae import FrozenModule, build_frozen, read_state_dict
+from vgen.models.frozen import FrozenModule, build_frozen, read_state_dict
 
 TINY_CLIP = {  # CPU tests and the demo: 3.4M parameters, 3.2M of them the 49408-token embedding
     "embed_dim": 32,

@@ -8,7 +8,7 @@ cross-attention token sequence ``[B, L, context_dim]``. Output has the shape of 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class UNet3DConfig:
             raise ValueError(f"level widths {widths} must be multiples of 32 (GroupNorm) and of head_dim={self.head_dim}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "UNet3DConfig":
+    def from_dict(cls, values: dict) -> UNet3DConfig:
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - valid)
         if unknown:

@@ -46,7 +46,7 @@ def is_complete(path: Path) -> bool:
     """A checkpoint is complete if it loads (weights only) and has the trainer state we resume from."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated/corrupt files raise many different errors
+    except Exception as err:  # noqa: BLE001 - truncated/corrupt files raise many different errors
         log.warning("skipping unreadable checkpoint %s: %s", path, err)
         return False
     return "state_dict" in ckpt and "global_step" in ckpt
