@@ -26,6 +26,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/unet_step.py
 
+DEMO_ARGS ?=  # extra Hydra overrides for the demo run, e.g. DEMO_ARGS="trainer.max_steps=50"
 DEMO_PROMPTS = "a red circle moving left" "a green square moving right" "a blue triangle moving down" "a yellow circle moving left"
 
 demo-data: setup
@@ -33,7 +34,7 @@ demo-data: setup
 
 # Set up, write the demo shards, train the demo experiment on CPU (resuming if interrupted), sample videos.
 demo: demo-data
-	WANDB_MODE=offline $(PY) -m vgen.train experiment=demo resume=auto
+	WANDB_MODE=offline $(PY) -m vgen.train experiment=demo resume=auto $(DEMO_ARGS)
 	@ckpt=$$(ls outputs/demo/checkpoints/step*.ckpt | sort | tail -n 1); i=0; \
 	for prompt in $(DEMO_PROMPTS); do i=$$((i+1)); \
 	  $(PY) -m vgen.sample checkpoint=$$ckpt prompt="$$prompt" seed=$$i out=outputs/demo/videos/sample_$$i.mp4 \
