@@ -130,7 +130,8 @@ def test_sample_writes_decodable_mp4(trained, experiment, tmp_path):
 
     out, _ = trained[experiment]
     args = [f"checkpoint={out / 'checkpoints' / 'step0000004.ckpt'}", "prompt=a red circle moving left",
-            "num_frames=5", "height=16", "width=24", "steps=2", "guidance=3.0", "seed=1", f"out={tmp_path / 'v.mp4'}"]
+            "num_frames=5", "height=16", "width=24", "steps=2", "guidance=3.0", "seed=1", "fps=8",
+            f"out={tmp_path / 'v.mp4'}"]
     if experiment == "demo_i2v":
         from PIL import Image
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -24,10 +25,15 @@ def root_cause(err: BaseException) -> BaseException:
 
 @contextlib.contextmanager
 def build_or_exit():
-    """Turn errors raised while building objects from the config into :class:`ConfigError` (one line)."""
+    """Turn errors raised while building objects from the config into :class:`ConfigError` (one line).
+
+    ``HYDRA_FULL_ERROR=1`` keeps the full traceback instead (for debugging vgen itself).
+    """
     try:
         yield
     except (InstantiationException, ValueError, FileNotFoundError, TypeError, KeyError) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         cause = root_cause(err)
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ConfigError(f"{type(cause).__name__}: {message}") from err
