@@ -120,3 +120,17 @@ def test_clear_errors():
         i2v(x, t, text=text, fps=torch.tensor([8, 8]))
     with pytest.raises(ValueError, match="fps"):
         i2v(x, t, text=text, first_frame=x[:, :, 0])
+
+
+def test_bad_shapes_and_configs_are_named():
+    model = UNet3D(**TINY).eval()
+    x, t, text = _inputs()
+    with pytest.raises(ValueError, match="in_channels=4"):
+        model(x[:, :3], t, text=text)
+    with pytest.raises(ValueError, match="context_dim=1024"):
+        model(x, t, text=text[..., :64])
+    with pytest.raises(ValueError, match=r"\[B=2\]"):
+        model(x, torch.tensor([1, 2, 3]), text=text)
+    for bad in ({"channel_mult": ()}, {"channel_mult": (1, 0)}, {"num_res_blocks": 0}, {"head_dim": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            UNet3D(**{**TINY, **bad})

@@ -142,6 +142,9 @@ def load_state_dict(model: nn.Module, original_state_dict: Mapping[str, torch.Te
     """
     if "state_dict" in original_state_dict and isinstance(original_state_dict["state_dict"], Mapping):
         original_state_dict = original_state_dict["state_dict"]
+    not_tensors = [k for k, v in original_state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise TypeError(f"state dict values must be tensors; not tensors: {not_tensors[:10]}")
     expected = state_dict(model)
     given = OrderedDict(
         (k.removeprefix("module."), v) for k, v in original_state_dict.items()

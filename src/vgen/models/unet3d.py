@@ -61,9 +61,14 @@ class UNet3DConfig:
         self.skip_filters = tuple(tuple(float(v) for v in pair) for pair in self.skip_filters)
         if self.resample not in RESAMPLE_MODES:
             raise ValueError(f"resample={self.resample!r} is not one of {RESAMPLE_MODES}")
-        for key in ("model_channels", "head_dim", "in_channels", "out_channels", "num_res_blocks"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("model_channels", "head_dim", "in_channels", "out_channels", "num_res_blocks",
+                    "init_temporal_heads", "context_dim", "decoder_context_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not self.channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m <= 0
+                                        for m in self.channel_mult):
+            raise ValueError(f"channel_mult must be a non-empty list of positive integers, got {self.channel_mult}")
         widths = [self.model_channels * m for m in self.channel_mult]
         bad = [w for w in widths if w % 32 or w % self.head_dim]
         if bad:
@@ -200,10 +205,16 @@ class UNet3D(nn.Module):
         if text is None:
             raise ValueError("text context is required ([B, L, context_dim]); for the unconditional branch pass "
                              "the negative-prompt (or empty-prompt) embedding")
-        b, _, f, _, _ = x.shape
+        b, c, f, _, _ = x.shape
+        if c + (self.config.in_channels if self.first_frame is not None else 0) != self.input_blocks[0][0].in_channels:
+            raise ValueError(f"x has {c} channels, the model expects in_channels={self.config.in_channels}")
+        if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.config.context_dim:
+            raise ValueError(f"text must be [B={b}, L, context_dim={self.config.context_dim}], got {tuple(text.shape)}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a scalar or [B={b}] timesteps, got shape {tuple(t.shape)}")
         emb = self.embed(t, fps)
         context = [text.to(x.dtype)]
         if self.first_frame is not None:
