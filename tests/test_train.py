@@ -164,8 +164,9 @@ def test_checkpoint_export_model_and_ema(trained, tmp_path):
     ("stage.conditioning.p_zero=1.5", "stage.conditioning.p_zero"),
     ("trainer.max_step=3", "trainer.max_step"),
 ])
-def test_bad_overrides_fail_with_one_line_naming_the_key(override, needle, tmp_path):
-    result = cli("vgen.train", "experiment=demo", "debug=tiny", f"paths.log_dir={tmp_path}", override)
+def test_bad_overrides_fail_with_one_line_naming_the_key(override, needle, demo_data, tmp_path):
+    result = cli("vgen.train", "experiment=demo", "debug=tiny", f"paths.log_dir={tmp_path}",
+                 f"paths.data_dir={demo_data}", override)
     assert result.returncode != 0
     assert needle in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
