@@ -6,7 +6,6 @@ newest complete checkpoint in the run directory with ``resume=auto``.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -14,12 +13,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from vgen.config import CONF_DIR, ConfigError, build_or_exit, precheck_overrides
 from vgen.training.checkpointing import AtomicCheckpointIO, resolve_resume
-
-log = logging.getLogger("vgen.train")
 
 
 def train(cfg: DictConfig) -> L.Trainer:
@@ -36,7 +34,7 @@ def train(cfg: DictConfig) -> L.Trainer:
         loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.logger else False
         trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), callbacks=callbacks, logger=loggers,
                               plugins=[AtomicCheckpointIO()])
-    log.info("output directory: %s", cfg.paths.output_dir)
+    rank_zero_info(f"output directory: {cfg.paths.output_dir}")
     trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return trainer
 

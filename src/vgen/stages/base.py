@@ -211,8 +211,10 @@ class DiffusionStage(L.LightningModule):
         if height % ds or width % ds:
             raise ValueError(f"height/width must be multiples of the VAE downsampling factor {ds}")
         text = self.encode_text(prompts)
-        negative = self.encode_text([negative_prompt]) if negative_prompt is not None else None
-        negative = (negative if negative is not None else self.negative_embedding(1)).expand(b, -1, -1)
+        if negative_prompt is None:
+            negative = self.negative_embedding(b)
+        else:
+            negative = self.encode_text([negative_prompt]).expand(b, -1, -1)
         cond, uncond = {"text": text}, {"text": negative}
         if self.image_conditioned:
             if images is None or images.shape[0] != b:
