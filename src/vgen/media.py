@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+
+from vgen.data.video import encode_video
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -17,25 +18,15 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 8, crf: int = 18) -> Path:
-    """uint8 [F, H, W, 3] -> H.264 mp4 (yuv420p; yuv444p when H or W is odd, which 4:2:0 cannot hold).
+    """uint8 [F, H, W, 3] -> H.264 mp4 file (see :func:`vgen.data.video.encode_video`).
 
     Written to a temporary name and renamed, so a reader never sees a half-written file.
     """
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
+    data = encode_video(frames, fps, crf=crf)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv444p" if frames.shape[1] % 2 or frames.shape[2] % 2 else "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        stream.thread_count = 1
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
+    tmp.write_bytes(data)
     tmp.replace(path)
     return path
 

@@ -138,7 +138,7 @@ def _decode_indices(container, stream, wanted: list[int], native_fps: float, see
 def encode_video(
     frames: np.ndarray, fps: float, crf: int = 18, keyframe_interval: int | None = None
 ) -> bytes:
-    """H.264 mp4 (yuv420p, so even width and height) from uint8 frames [F, H, W, 3].
+    """H.264 mp4 from uint8 frames [F, H, W, 3]: yuv420p, or yuv444p when H or W is odd (4:2:0 cannot hold it).
 
     Single-threaded and without mb-tree so the bytes are identical on every run; ``keyframe_interval``
     defaults to x264's (250).
@@ -154,7 +154,9 @@ def encode_video(
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        odd = frames.shape[1] % 2 or frames.shape[2] % 2
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv444p" if odd else "yuv420p"
         stream.codec_context.thread_count = 1
         stream.options = options
         for frame in frames:
