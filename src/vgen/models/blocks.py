@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgen.diffusion.embedding import sinusoidal_embedding
 from vgen.models.attention import Attention, multihead_attention
 
 
@@ -98,10 +99,18 @@ class SpatialTransformer(nn.Module):
 
 
 class TemporalTransformer(nn.Module):
-    """Transformer over the frames at each spatial position (no positional encoding, self-attention only)."""
+    """Transformer over the frames at each spatial position (self-attention only).
 
-    def __init__(self, channels: int, heads: int, head_dim: int):
+    The original has no positional encoding here (frame order reaches the model only through the zero-padded
+    temporal convs). ``position="sinusoidal"`` adds a fixed sinusoidal encoding of the frame index to the tokens
+    after ``proj_in`` (AnimateDiff-style); it has no parameters, so state dicts are unchanged.
+    """
+
+    def __init__(self, channels: int, heads: int, head_dim: int, position: str = "none"):
         super().__init__()
+        if position not in ("none", "sinusoidal"):
+            raise ValueError(f"position={position!r} is not one of ('none', 'sinusoidal')")
+        self.position = position
         inner = heads * head_dim
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Conv1d(channels, inner, 1)
@@ -115,6 +124,9 @@ class TemporalTransformer(nn.Module):
         b, c, f, h, w = video.shape
         tokens = self.norm(video).permute(0, 3, 4, 1, 2).reshape(b * h * w, c, f)
         tokens = self.proj_in(tokens).transpose(1, 2)  # [(B H W), F, inner]
+        if self.position == "sinusoidal":
+            frames = torch.arange(f, device=tokens.device)
+            tokens = tokens + sinusoidal_embedding(frames, tokens.shape[-1], dtype=torch.float32).to(tokens.dtype)
         for block in self.transformer_blocks:
             tokens = block(tokens)
         tokens = self.proj_out(tokens.transpose(1, 2))  # [(B H W), C, F]

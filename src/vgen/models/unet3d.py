@@ -29,6 +29,7 @@ from vgen.models.conditions import EmbeddingMLP, FirstFrameCondition, ImageToken
 from vgen.models.fourier import fourier_filter
 
 RESAMPLE_MODES = ("standard", "sr600")
+TEMPORAL_POSITIONS = ("none", "sinusoidal")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class UNet3DConfig:
     context_dim: int = 1024  # width of cross-attention tokens (encoder and middle)
     decoder_context_dim: int = 1024  # the original hard-codes 1024 for decoder cross-attention
     temporal_attention: bool = True  # temporal transformers after each spatial transformer
+    temporal_position: str = "none"  # frame-index encoding in temporal attention: "none" (original) | "sinusoidal"
     dropout: float = 0.1  # ResBlock dropout (temporal convs always use 0.1)
     fps_condition: bool = False  # add an MLP of sinusoid(fps) to the timestep embedding
     image_tokens: int = 0  # CLIP image embedding -> this many context tokens (0 = off)
@@ -61,6 +63,8 @@ class UNet3DConfig:
         self.skip_filters = tuple(tuple(float(v) for v in pair) for pair in self.skip_filters)
         if self.resample not in RESAMPLE_MODES:
             raise ValueError(f"resample={self.resample!r} is not one of {RESAMPLE_MODES}")
+        if self.temporal_position not in TEMPORAL_POSITIONS:
+            raise ValueError(f"temporal_position={self.temporal_position!r} is not one of {TEMPORAL_POSITIONS}")
         for key in ("model_channels", "head_dim", "in_channels", "out_channels", "num_res_blocks",
                     "init_temporal_heads", "context_dim", "decoder_context_dim"):
             value = getattr(self, key)
@@ -112,13 +116,13 @@ class UNet3D(nn.Module):
             heads = channels // cfg.head_dim
             layers: list[nn.Module] = [SpatialTransformer(channels, heads, cfg.head_dim, context_dim)]
             if cfg.temporal_attention:
-                layers.append(TemporalTransformer(channels, heads, cfg.head_dim))
+                layers.append(TemporalTransformer(channels, heads, cfg.head_dim, cfg.temporal_position))
             return layers
 
         input_channels = cfg.in_channels * (2 if cfg.first_frame_condition else 1)
         init = [nn.Conv2d(input_channels, dim, 3, padding=1)]
         if cfg.temporal_attention:
-            init.append(TemporalTransformer(dim, cfg.init_temporal_heads, cfg.head_dim))
+            init.append(TemporalTransformer(dim, cfg.init_temporal_heads, cfg.head_dim, cfg.temporal_position))
         self.input_blocks = nn.ModuleList([nn.ModuleList(init)])
         skip_channels, scale, ch = [dim], 1.0, dim
         levels = len(cfg.channel_mult)
@@ -139,7 +143,7 @@ class UNet3D(nn.Module):
         middle = [ResBlock(ch, embed_dim, ch, cfg.dropout), SpatialTransformer(ch, ch // cfg.head_dim, cfg.head_dim,
                                                                                 cfg.context_dim)]
         if cfg.temporal_attention:
-            middle.append(TemporalTransformer(ch, ch // cfg.head_dim, cfg.head_dim))
+            middle.append(TemporalTransformer(ch, ch // cfg.head_dim, cfg.head_dim, cfg.temporal_position))
         middle.append(ResBlock(ch, embed_dim, ch, cfg.dropout))
         self.middle_block = nn.ModuleList(middle)
 
