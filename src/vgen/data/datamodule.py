@@ -1,31 +1,44 @@
 """The Lightning datamodule Hydra builds from ``conf/data/*.yaml``.
 
-Batches are homogeneous (all video or all image) dicts:
+Batches are homogeneous (all video or all image, one shape) dicts:
 
 * ``video``: float32 [B, 3, F, H, W] in [-1, 1]; images have F = 1,
-* ``caption``: list[str], ``key``: list[str] (the WebDataset sample keys),
+* ``caption``: list[str] ("" for text-free samples), ``key``: list[str] (the WebDataset sample keys),
+* ``has_caption``: bool [B], False where the sample had no caption (text-free videos),
 * ``fps``: int64 [B], the effective frame rate of the sampled frames (native fps / stride, rounded);
   image batches report 1,
 * ``kind``: ``"video"`` or ``"image"``.
 
-Resolutions are given as ``[width, height]`` (the VGen convention).
+Latent sources (``type: latent``, shards from ``data_pipelines/encode.py``) give ``latent`` [B, C, F, h, w]
+(plus ``text_embedding`` / ``image_embedding`` when stored) instead of ``video``.
+
+The loader's position is saved in every checkpoint (this datamodule's ``state_dict``: per rank and reader)
+and restored on resume, so the batches after a restart are exactly those an uninterrupted run would have
+seen. Resolutions are given as ``[width, height]`` (the VGen convention).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from urllib.parse import urlparse
 
 import lightning as L
+import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from vgen.data.stream import MixedBatches, SampleDecoder, SourceStream
+from vgen.data.buckets import BUCKET_MODES, Bucket, parse_buckets
+from vgen.data.shards import ShardSchedule
+from vgen.data.stream import LOADER_KEY, SOURCE_TYPES, BatchPlan, BatchStream, SampleDecoder, Source
+
+log = logging.getLogger(__name__)
 
 CONFIG_PREFIX = "data"  # the config group these settings live under, used in error messages
-SOURCE_TYPES = ("video", "image")
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -93,14 +106,17 @@ def _int_at_least(value, name: str, minimum: int = 1) -> int:
 
 
 class VideoDataModule(L.LightningDataModule):
-    """WebDataset video and image sources -> an endless loader of homogeneous, weight-mixed batches.
+    """WebDataset sources -> an endless, exactly resumable loader of homogeneous batches.
 
-    ``sources``: list of ``{urls, type: video | image, weight: float, caption_required: bool}``; ``urls`` is
-    a path, brace pattern or ``pipe:`` URL, or a list of them. A batch comes from source ``i`` with
-    probability ``weight_i / sum(weights)`` (a weight of 0 disables the source). ``batch_size`` counts
-    videos and ``image_batch_size`` images per batch. ``sample_fps`` sets the frame stride (see
-    :func:`vgen.data.video.frame_stride`). ``random_start=False`` takes the centre window. ``resolution``
-    is ``[width, height]``.
+    ``sources``: list of ``{urls, type: video | image | latent, weight, caption_required}``; ``urls`` is a
+    path, brace pattern or ``pipe:`` URL, or a list of them. Without ``buckets``, a batch comes from source
+    ``i`` with probability ``weight_i / sum(weights)`` (0 disables a source), ``batch_size`` videos of
+    ``num_frames`` frames or ``image_batch_size`` images, at ``resolution`` ``[width, height]``.
+    With ``buckets`` (list of ``{frames, width, height, batch_size, probability}``), those shapes are drawn
+    per batch (``bucket_mode: batch``) or fixed per rank (``bucket_mode: rank``, VGen's per-rank frame
+    lengths) instead, and the source among those that fit the bucket by weight. ``sample_fps`` sets the frame
+    stride (see :func:`vgen.data.video.frame_stride`); ``random_start=False`` takes the centre window.
+    ``shuffle_buffer`` consecutive samples of a shard are shuffled together (0 = shard order).
     """
 
     def __init__(
@@ -115,6 +131,8 @@ class VideoDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_buffer: int = 100,
         random_start: bool = True,
+        buckets: Sequence[Mapping] | Mapping | None = None,
+        bucket_mode: str = "batch",
     ):
         super().__init__()
         if isinstance(sources, (str, Mapping)) or not sources:
@@ -138,7 +156,14 @@ class VideoDataModule(L.LightningDataModule):
         if not isinstance(random_start, bool):
             raise TypeError(f"{CONFIG_PREFIX}.random_start must be true or false, got {random_start!r}")
         self.random_start = random_start
-        self.dataset: MixedBatches | None = None
+        self.buckets = None if buckets is None else parse_buckets(buckets, f"{CONFIG_PREFIX}.buckets")
+        if bucket_mode not in BUCKET_MODES:
+            raise ValueError(f"{CONFIG_PREFIX}.bucket_mode must be one of {list(BUCKET_MODES)}, got {bucket_mode!r}")
+        self.bucket_mode = bucket_mode
+        self.dataset: BatchStream | None = None
+        self._consumed = 0  # batches of this rank that training has taken (the loader prefetches more)
+        self._cursors: list[dict | None] = []  # per reader slot: its position after its last consumed batch
+        self._pending_state: dict | None = None
 
     @staticmethod
     def _key(index: int) -> str:
@@ -150,43 +175,125 @@ class VideoDataModule(L.LightningDataModule):
             if source.weight > 0:
                 resolve_shards(source.urls, f"{self._key(index)}.urls")
 
+    @property
+    def readers_per_rank(self) -> int:
+        return max(self.num_workers, 1)
+
+    def _topology(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return 0, 1
+
     def setup(self, stage: str | None = None) -> None:
-        """Resolve and check every enabled source's shards, then build the mixed stream."""
+        """Resolve and check every enabled source's shards, then build the batch stream."""
         if self.dataset is not None:
             return
-        readers = max(self.num_workers, 1) * (self.trainer.world_size if self.trainer is not None else 1)
-        streams, weights = [], []
-        for index, source in enumerate(self.sources):
-            if source.weight == 0:
+        sources = []
+        for index, config in enumerate(self.sources):
+            if config.weight == 0:
                 continue
             key = self._key(index)
-            shards = resolve_shards(source.urls, f"{key}.urls")
-            if len(shards) < readers:
-                raise ValueError(
-                    f"{key}.urls has {len(shards)} shard(s) but {readers} readers (ranks x workers) share "
-                    f"it; write at least {readers} shards or lower {CONFIG_PREFIX}.num_workers"
-                )
-            video = source.type == "video"
             decoder = SampleDecoder(
-                kind=source.type,
-                num_frames=self.num_frames if video else 1,
+                kind=config.type,
                 sample_fps=self.sample_fps,
-                width=self.width,
-                height=self.height,
                 start="random" if self.random_start else "center",
-                caption_required=source.caption_required,
+                caption_required=config.caption_required,
             )
-            batch_size = self.batch_size if video else self.image_batch_size
-            streams.append(SourceStream(key, shards, decoder, batch_size, self.seed, self.shuffle_buffer))
-            weights.append(float(source.weight))
-        self.dataset = MixedBatches(streams, weights, self.seed)
+            schedule = ShardSchedule(resolve_shards(config.urls, f"{key}.urls"), self.seed, key)
+            sources.append(Source(key, config.type, float(config.weight), schedule, decoder))
+        video = Bucket(self.num_frames, self.width, self.height, self.batch_size)
+        image = Bucket(1, self.width, self.height, self.image_batch_size)
+        plan = BatchPlan(sources, video, image, self.buckets, self.bucket_mode)
+        if plan.unfit_buckets():
+            index = plan.unfit_buckets()[0]
+            raise ValueError(
+                f"{CONFIG_PREFIX}.buckets[{index}] ({self.buckets[index].kind}, {self.buckets[index].frames} "
+                f"frames) has no enabled source of a fitting type; sources: {[s.kind for s in sources]}"
+            )
+        rank, world_size = self._topology()
+        self.dataset = BatchStream(plan, self.seed, self.readers_per_rank, self.shuffle_buffer, rank, world_size)
+        self._cursors = [None] * self.readers_per_rank
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
 
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:
             self.setup("fit")
         return DataLoader(
             self.dataset,
-            batch_size=None,  # the stream batches itself: each batch is all video or all image
+            batch_size=None,  # the stream batches itself: each batch is all video or all image, one shape
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
         )
+
+    # ------------------------------------------------------------------ position and counters
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Record the position after ``batch`` (it is about to be trained on) and drop it from the batch."""
+        if isinstance(batch, dict) and LOADER_KEY in batch:
+            self.consume(batch)
+        return batch
+
+    def consume(self, batch: dict) -> dict:
+        """Take the loader position out of ``batch`` and count it as trained on (Lightning calls this)."""
+        state = batch.pop(LOADER_KEY)
+        self._cursors[state["slot"]] = state["cursor"]
+        self._consumed += 1
+        return batch
+
+    def skip_counts(self) -> dict[str, Counter]:
+        """Samples skipped so far by this rank's readers (up to the last consumed batch): source -> reason."""
+        totals: dict[str, Counter] = {}
+        for cursor in self._cursors:
+            for source, counts in (cursor or {}).get("skipped", {}).items():
+                totals.setdefault(source, Counter()).update(counts)
+        return totals
+
+    def _fingerprint(self) -> list:
+        return [[source.name, len(source.schedule)] for source in self.dataset.plan.sources]
+
+    def state_dict(self) -> dict:
+        """Every rank's loader position (gathered from all ranks: Lightning saves rank 0's copy)."""
+        if self.dataset is None:
+            return {}
+        local = {"consumed": self._consumed, "cursors": list(self._cursors)}
+        gathered = [local]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+        seed = (self.dataset.resume or {}).get("seed", str(self.seed))
+        return {
+            "version": STATE_VERSION,
+            "seed": seed,
+            "sources": self._fingerprint(),
+            "readers_per_rank": self.readers_per_rank,
+            "consumed": [entry["consumed"] for entry in gathered],
+            "cursors": [entry["cursors"] for entry in gathered],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.dataset is None:
+            self._pending_state = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict) -> None:
+        rank, world_size = self._topology()
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"checkpoint data-loader state has version {state.get('version')!r}, "
+                             f"this vgen reads version {STATE_VERSION}")
+        saved = (len(state["consumed"]), state["readers_per_rank"], state["sources"])
+        now = (world_size, self.readers_per_rank, self._fingerprint())
+        consumed = state["consumed"][rank] if rank < len(state["consumed"]) else max(state["consumed"])
+        if saved != now:
+            log.warning(
+                "data: the checkpoint's loader position is for %d rank(s) x %d reader(s) over sources %s; this "
+                "run has %d x %d over %s. Starting fresh shard streams (reseeded by the %d batches already "
+                "trained) instead of resuming exactly.", *saved, *now, consumed,
+            )
+            self.dataset.resume = {"consumed": 0, "cursors": None, "seed": f"{state['seed']}+{consumed}"}
+            self._consumed, self._cursors = 0, [None] * self.readers_per_rank
+        else:
+            cursors = list(state["cursors"][rank])
+            self.dataset.resume = {"consumed": consumed, "cursors": cursors, "seed": state["seed"]}
+            self._consumed, self._cursors = consumed, cursors
+        self._pending_state = None
