@@ -244,3 +244,37 @@ def test_the_loader_position_survives_torch_load_weights_only(unequal_shards, tm
     torch.save({"VideoDataModule": module.state_dict()}, tmp_path / "state.pt")
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)["VideoDataModule"]
     assert loaded == module.state_dict() and loaded["consumed"] == [4]
+
+
+def test_skip_counters_are_logged_summed_over_workers(bad_shards, tmp_path):
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from vgen.callbacks.data_stats import DataStats
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.weight * batch["video"].mean() + self.weight**2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    sources = [{"urls": [bad_shards["videos"], bad_shards["not_a_tar"]], "type": "video"}]
+    module = VideoDataModule(sources, num_frames=3, resolution=[8, 8], batch_size=1, num_workers=2, shuffle_buffer=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=CSVLogger(tmp_path), callbacks=[DataStats(1)],
+                        log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny(), datamodule=module)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        last = list(csv.DictReader(f))[-1]
+    counts = module.skip_counts()["data.sources[0]"]
+    assert float(last["data/skipped/total"]) == sum(counts.values()) >= 10
+    assert float(last["data/skipped/unsafe_member"]) == counts["unsafe_member"] >= 3
+    with pytest.raises(ValueError, match=r"callbacks\.data_stats\.log_every_n_steps"):
+        DataStats(0)

@@ -30,11 +30,11 @@ def __getattr__(name: str):
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "VIDEO_EXTENSIONS",
-    "Clip",
     "SKIP_REASONS",
+    "VIDEO_EXTENSIONS",
     "BatchStream",
     "Bucket",
+    "Clip",
     "SampleDecoder",
     "SampleError",
     "SourceConfig",

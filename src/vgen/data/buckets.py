@@ -50,8 +50,8 @@ def parse_buckets(buckets, key: str) -> list[Bucket]:
             if len(shape) != 3 or len(value) != 2:
                 raise ValueError(f"{key}: expected {{(frames, height, width): (probability, batch_size)}}")
             (frames, height, width), (probability, batch_size) = shape, value
-            entries.append(dict(frames=frames, width=width, height=height, batch_size=batch_size,
-                                probability=probability))
+            entries.append({"frames": frames, "width": width, "height": height, "batch_size": batch_size,
+                            "probability": probability})
     elif isinstance(buckets, Sequence) and not isinstance(buckets, str) and buckets:
         entries = list(buckets)
     else:

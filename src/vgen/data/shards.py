@@ -111,7 +111,7 @@ class RawSamples:
         self.on_shard_error = on_shard_error
 
     def __iter__(self) -> Iterator[tuple[dict, tuple[int, int]]]:
-        empty_in_a_row = 0
+        failed_in_a_row: set[str] = set()  # distinct shards that gave nothing since the last sample
         while True:
             shard_position = self.reader + self.position.ordinal * self.num_readers
             url = self.schedule.url(shard_position)
@@ -122,10 +122,10 @@ class RawSamples:
                 yield sample, (shard_position, self.position.offset - 1)
             self.position.ordinal += 1
             self.position.offset = 0
-            empty_in_a_row = 0 if yielded else empty_in_a_row + 1
-            if empty_in_a_row >= max(len(self.schedule), 2):
+            failed_in_a_row = set() if yielded else failed_in_a_row | {url}
+            if len(failed_in_a_row) == len(self.schedule):
                 raise RuntimeError(
-                    f"{self.schedule.name}: {empty_in_a_row} shards in a row gave no sample (last: {url}); "
+                    f"{self.schedule.name}: none of its {len(self.schedule)} shards gave a sample (last: {url}); "
                     "check the urls and that the shards are readable"
                 )
 
