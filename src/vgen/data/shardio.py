@@ -1,0 +1,132 @@
+"""What the ``data_pipelines/`` tools share: work splitting (``--shard-range``, SLURM arrays, ``--workers``),
+atomic shard writing, reading shards sample by sample, and merging per-shard stats into a report."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import webdataset as wds
+
+from vgen.data.shards import read_shard
+
+SLURM_HELP = (
+    "Work is split by output shard: --shard-range A:B does shards A..B-1; under a SLURM array "
+    "(SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT set) each task takes its contiguous slice of that range "
+    "(of all shards without --shard-range). Complete shards are skipped, so a rerun resumes; --workers N runs "
+    "N shards at a time in this task."
+)
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``A:B`` (0 <= A < B) -> (A, B); the argparse type of ``--shard-range``."""
+    start, sep, stop = text.partition(":")
+    if not sep or not start.isdigit() or not stop.isdigit() or int(start) >= int(stop):
+        raise argparse.ArgumentTypeError(f"expected A:B with 0 <= A < B (shard indices, B excluded), got {text!r}")
+    return int(start), int(stop)
+
+
+def add_work_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard-range", type=parse_range, metavar="A:B",
+                        help="only output shards A..B-1 (a SLURM array task then takes its slice of these)")
+    parser.add_argument("--workers", type=int, default=1, help="shards processed in parallel by this task")
+    parser.add_argument("--overwrite", action="store_true", help="rewrite shards that already exist")
+
+
+def task_shards(num_shards: int, shard_range: tuple[int, int] | None = None,
+                environ: dict | None = None) -> range:
+    """The output shards this task does: ``shard_range`` (clipped to ``num_shards``), then this SLURM array
+    task's contiguous share of it when ``SLURM_ARRAY_TASK_ID`` and ``SLURM_ARRAY_TASK_COUNT`` are set."""
+    environ = os.environ if environ is None else environ
+    start, stop = shard_range or (0, num_shards)
+    start, stop = min(max(start, 0), num_shards), min(max(stop, 0), num_shards)
+    task, count = environ.get("SLURM_ARRAY_TASK_ID"), environ.get("SLURM_ARRAY_TASK_COUNT")
+    if task is None or count is None:
+        return range(start, stop)
+    index, count = int(task) - int(environ.get("SLURM_ARRAY_TASK_MIN", 0)), int(count)
+    if not 0 <= index < count:
+        raise ValueError(f"SLURM_ARRAY_TASK_ID={task} is outside an array of {count} tasks "
+                         "(SLURM_ARRAY_TASK_MIN is taken as the first)")
+    total = stop - start
+    task = index
+    return range(start + total * task // count, start + total * (task + 1) // count)
+
+
+def run_shards(function: Callable[[int], dict | None], shards: Iterable[int], workers: int) -> list[dict]:
+    """``function(shard)`` for every shard, ``workers`` at a time in processes (1 = in this process)."""
+    shards = list(shards)
+    if workers <= 1 or len(shards) <= 1:
+        return [result for result in map(function, shards) if result is not None]
+    with ProcessPoolExecutor(min(workers, len(shards))) as pool:
+        return [result for result in pool.map(function, shards) if result is not None]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a per-process temporary name and rename, so ``path`` exists only when complete."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def tar_bytes(samples: Iterable[dict[str, bytes]]) -> bytes:
+    """A tar of samples ``{"__key__": key, ext: bytes, ...}`` -> members ``key.ext``, with fixed metadata
+    (mtime 0, mode 0644) so the bytes depend only on the contents."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for extension, data in sample.items():
+                if extension.startswith("__"):
+                    continue
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Shard paths from brace patterns, files or directories (their ``*.tar``, sorted)."""
+    urls = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            urls += sorted(str(p) for p in Path(pattern).glob("*.tar"))
+        else:
+            urls += wds.shardlists.expand_urls(pattern)
+    if not urls:
+        raise FileNotFoundError(f"no shards in {patterns}")
+    return urls
+
+
+def shard_samples(url: str) -> tuple[Iterator[dict], list[str]]:
+    """Raw samples of one shard and a list that collects its read errors (as text)."""
+    errors: list[str] = []
+    return read_shard(url, lambda _url, error: errors.append(f"{type(error).__name__}: {error}")), errors
+
+
+def write_report(out: Path, name: str, merge: Callable[[list[dict]], dict]) -> dict:
+    """Merge every ``*.stats.json`` sidecar in ``out`` into ``out/name`` (atomically) and return it."""
+    sidecars = sorted(out.glob("*.stats.json"))
+    report = merge([json.loads(path.read_text()) for path in sidecars])
+    report["shards"] = len(sidecars)
+    atomic_write(out / name, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    return report
+
+
+def quantiles(values: list[float]) -> dict:
+    """count, mean and the 10/50/90% quantiles of ``values`` (nearest rank)."""
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
+
+    return {"count": len(values), "mean": round(sum(values) / len(values), 4), "p10": at(0.1), "p50": at(0.5),
+            "p90": at(0.9)}
