@@ -132,8 +132,8 @@ def test_slurm_array_tasks_and_shard_ranges_split_the_work_and_resume(raw, shard
 
 
 @pytest.mark.parametrize("env,expected", [
-    ({}, range(0, 10)),
-    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3"}, range(0, 3)),
+    ({}, range(10)),
+    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3"}, range(3)),
     ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3"}, range(6, 10)),
     ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "4"}, range(5, 10)),
 ])
