@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/pip
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo demo-data clean
+.PHONY: setup test lint bench demo demo-data clean cluster-up cluster-down cluster-smoke test-slurm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,20 @@ demo: demo-data
 	    || exit 1; echo "  $$prompt -> outputs/demo/videos/sample_$$i.mp4"; done; \
 	echo "checkpoint: $$ckpt"; echo "videos: outputs/demo/videos/"; \
 	echo "W&B offline run: $$(ls -d outputs/demo/wandb/offline-run-* | tail -n 1) (wandb sync <dir> to upload)"
+
+# A real single-host SLURM cluster with 2 emulated nodes (root, Debian 12; installs slurm + munge with apt).
+cluster-up:
+	bash launch/local_cluster/up.sh
+
+cluster-down:
+	bash launch/local_cluster/down.sh
+
+cluster-smoke:
+	bash launch/local_cluster/smoke.sh
+
+# The SLURM tests alone (they skip, saying why, when no cluster answers): make cluster-up test-slurm
+test-slurm: setup
+	$(PY) -m pytest tests/test_slurm.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from vgen.callbacks.preemption import resume_after_requeue, slurm_plugins
 from vgen.config import CONF_DIR, ConfigError, build_or_exit, precheck_overrides
 from vgen.training.checkpointing import AtomicCheckpointIO, resolve_resume
 
@@ -24,7 +25,7 @@ def train(cfg: DictConfig) -> L.Trainer:
     L.seed_everything(cfg.seed, workers=True)
     with build_or_exit():
         checkpoint_dir = Path(cfg.paths.checkpoint_dir)
-        ckpt_path = resolve_resume(cfg.resume, checkpoint_dir)
+        ckpt_path = resolve_resume(resume_after_requeue(cfg.resume, checkpoint_dir), checkpoint_dir)
         datamodule = instantiate(cfg.data)
         if hasattr(datamodule, "check_sources"):
             datamodule.check_sources()
@@ -33,7 +34,7 @@ def train(cfg: DictConfig) -> L.Trainer:
         callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
         loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.logger else False
         trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), callbacks=callbacks, logger=loggers,
-                              plugins=[AtomicCheckpointIO()])
+                              plugins=[AtomicCheckpointIO(), *slurm_plugins()])
     rank_zero_info(f"output directory: {cfg.paths.output_dir}")
     trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return trainer
