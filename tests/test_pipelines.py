@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO
@@ -212,3 +214,30 @@ def test_raw_videos_to_shards_to_filter_to_two_training_steps(shards, tmp_path):
     trainer = train(cfg)
     assert trainer.global_step == 2
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt")] == ["step0000002.ckpt"]
+
+
+def test_encoded_latent_shards_train_through_the_same_loader(shards, tmp_path):
+    from vgen.data import Bucket, SampleDecoder, VideoDataModule
+    from vgen.data.shardio import shard_samples
+
+    out = tmp_path / "latents"
+    run_tool("encode", "--input", str(shards / "clips-000001.tar"), "--out", str(out), "--vae", "tiny",
+             "--text-encoder", "tiny", "--frames", "4", "--fps", "8", "--width", "16", "--height", "16",
+             "--batch-size", "2", "--device", "cpu")
+    assert json.loads((out / "encode_stats.json").read_text())["encoded"] == 4  # v1, v2 and the 2 scenes of v3
+    module = VideoDataModule([{"urls": str(out / "clips-000001.tar"), "type": "latent"}], num_frames=4,
+                             resolution=[16, 16], batch_size=3, num_workers=0, shuffle_buffer=0)
+    batch = next(iter(module.train_dataloader()))
+    assert batch["latent"].shape == (3, 4, 4, 8, 8) and batch["text_embedding"].shape == (3, 77, 64)
+    assert "video" not in batch and batch["fps"].tolist() == [8, 8, 8]
+    # The stored latents are the VAE mean of exactly the clip the pixel loader decodes (centre window).
+    models = sys.modules["pipeline_encode"]._ENCODERS
+    raw = {sample["__key__"]: sample for sample in shard_samples(str(shards / "clips-000001.tar"))[0]}
+    decoder = SampleDecoder("video", 8, start="center", caption_required=False)
+    for index, key in enumerate(batch["key"]):
+        video = decoder(raw[key], random.Random(0), Bucket(4, 16, 16, 1))["video"]
+        with torch.no_grad():
+            expected = models["vae"].encode(video[None], sample=False)[0]
+            text = models["text_encoder"]([batch["caption"][index]])[0]
+        torch.testing.assert_close(batch["latent"][index], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batch["text_embedding"][index], text, atol=1e-5, rtol=1e-4)
