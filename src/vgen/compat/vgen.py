@@ -7,17 +7,23 @@ the model with the original forward argument names.
     model = build_unet("UNetSD_I2VGen", kwargs)          # kwargs as in VGen's cfg.UNet
     load_state_dict(model, torch.load(path, weights_only=True)["state_dict"])
     out = forward(model, x, t, y=y, image=image, local_image=local_image, fps=fps)
+
+``UNetSD_LoRA`` (InstructVideo) is the T2V network with :mod:`vgen.models.lora` adapters on q, k, v and out of
+every attention; its adapter keys are spelled ``to_q_lora.down_linear.weight`` in the original and listed after
+the attention's own weights.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from vgen.models.lora import ATTENTION_TARGETS, apply_lora
 from vgen.models.unet3d import UNet3D, UNet3DConfig
 
 log = logging.getLogger(__name__)
@@ -31,7 +37,12 @@ _PREFIX_RULES: tuple[tuple[str, str], ...] = (
     ("first_frame.token_encoder.", "local_image_embedding."),
 )
 # Inner renames (the original's spelling is kept in its checkpoints).
-_INNER_RULES: tuple[tuple[str, str], ...] = ((".temporal_conv.", ".temopral_conv."),)
+_INNER_RULES: tuple[tuple[str, str], ...] = (
+    (".temporal_conv.", ".temopral_conv."),
+    *((f".{proj}.lora_{side}.", f".{proj.removesuffix('.0')}_lora.{side}_linear.")
+      for proj in ATTENTION_TARGETS for side in ("down", "up")),
+)
+_ORIGINAL_LORA_KEY = re.compile(r"^(.*)\.to_(q|k|v|out)_lora\.(down|up)_linear\.weight$")
 
 # Constructor arguments of the original classes that have no effect on the network built by the released code
 # (dead branches, training-time flags, bookkeeping). They are accepted and ignored, as the original does.
@@ -41,7 +52,9 @@ _INERT_KWARGS = frozenset({
     "default_fps", "misc_dropout", "use_scale_shift_norm", "concat_dim", "y_dim_unused",
 })
 
-SUPPORTED_CLASSES = ("UNetSD_T2VBase", "UNetSD_I2VGen", "UNetSD_SR600")
+SUPPORTED_CLASSES = ("UNetSD_T2VBase", "UNetSD_I2VGen", "UNetSD_SR600", "UNetSD_LoRA")
+# UNetSD_LoRA's own constructor arguments (InstructVideo: use_lora true, rank 4, alpha null).
+_LORA_DEFAULTS = {"use_lora": True, "lora_rank": 4, "lora_alpha": None}
 
 # Defaults of the original constructors (used when a kwarg is absent).
 _ORIGINAL_DEFAULTS = {
@@ -53,26 +66,32 @@ _CLASS_DEFAULTS = {"UNetSD_I2VGen": {"in_dim": 7}, "UNetSD_SR600": {"in_dim": 7}
 
 _FORWARD_ARGS = {
     "UNetSD_T2VBase": ("y", "fps"),
+    "UNetSD_LoRA": ("y", "fps"),
     "UNetSD_I2VGen": ("y", "image", "local_image", "fps"),
     "UNetSD_SR600": ("y",),
 }
 # Forward arguments the originals accept but ignore with released configs (checked against the goldens).
 _INERT_FORWARD_ARGS = {
     "UNetSD_T2VBase": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
+    "UNetSD_LoRA": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_I2VGen": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_SR600": ("x_lr", "fps", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
 }
+
+
+_T2V_CLASSES = ("UNetSD_T2VBase", "UNetSD_LoRA")
 
 
 def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> UNet3DConfig:
     """Translate an original ``cfg.UNet`` kwargs dict for ``class_name`` into a :class:`UNet3DConfig`."""
     if class_name not in SUPPORTED_CLASSES:
         raise ValueError(f"unsupported VGen UNet class {class_name!r}; supported: {list(SUPPORTED_CLASSES)}")
-    known = set(_ORIGINAL_DEFAULTS) | _INERT_KWARGS
+    known = set(_ORIGINAL_DEFAULTS) | _INERT_KWARGS | (set(_LORA_DEFAULTS) if class_name == "UNetSD_LoRA" else set())
     unknown = sorted(set(constructor_kwargs) - known)
     if unknown:
         log.warning("ignoring constructor kwargs unknown to %s (the original accepts **kwargs): %s", class_name, unknown)
-    kw = {**_ORIGINAL_DEFAULTS, **_CLASS_DEFAULTS.get(class_name, {}), **constructor_kwargs}
+    kw = {**_ORIGINAL_DEFAULTS, **_CLASS_DEFAULTS.get(class_name, {}),
+          **{k: v for k, v in constructor_kwargs.items() if k not in _LORA_DEFAULTS}}
     if kw["use_image_dataset"]:
         raise ValueError("use_image_dataset=True (temporal branches multiplied by zero) is not supported: no "
                          "released VGen config uses it")
@@ -90,7 +109,7 @@ def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> U
         context_dim=kw["context_dim"],
         temporal_attention=kw["temporal_attention"],
         dropout=kw["dropout"],
-        fps_condition=i2vgen or (class_name == "UNetSD_T2VBase" and bool(kw["use_fps_condition"])),
+        fps_condition=i2vgen or (class_name in _T2V_CLASSES and bool(kw["use_fps_condition"])),
         image_tokens=kw["num_tokens"] if i2vgen else 0,
         image_dim=kw["y_dim"],
         first_frame_condition=i2vgen,
@@ -103,7 +122,13 @@ def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> U
 
 def build_unet(class_name: str, constructor_kwargs: Mapping) -> UNet3D:
     """Build the vgen equivalent of VGen's ``class_name(**constructor_kwargs)``."""
+    lora = {**_LORA_DEFAULTS, **{k: v for k, v in constructor_kwargs.items() if k in _LORA_DEFAULTS}}
+    if class_name == "UNetSD_LoRA" and lora["lora_alpha"] is not None:
+        raise ValueError(f"UNetSD_LoRA with lora_alpha={lora['lora_alpha']!r} is not supported: the original "
+                         "LoRA.forward fails with alpha set (it reads an unassigned self.rank); use null")
     model = UNet3D(unet_config_from_original(class_name, constructor_kwargs))
+    if class_name == "UNetSD_LoRA" and lora["use_lora"]:  # use_lora false: the plain T2V network (VGen's merge base)
+        apply_lora(model, lora["lora_rank"], None, ATTENTION_TARGETS)
     model.vgen_original_class = class_name
     return model
 
@@ -128,9 +153,30 @@ def from_original_key(key: str) -> str:
     return key
 
 
+def _original_order(keys: list[str]) -> list[str]:
+    """The original lists an attention's LoRA keys after all of that attention's own weights."""
+    adapters: dict[str, list[str]] = {}
+    for key in keys:
+        match = _ORIGINAL_LORA_KEY.match(key)
+        if match:
+            adapters.setdefault(match.group(1), []).append(key)
+    if not adapters:
+        return keys
+    base = [k for k in keys if not _ORIGINAL_LORA_KEY.match(k)]
+    ordered = []
+    for i, key in enumerate(base):
+        ordered.append(key)
+        owner = key.rsplit(".to_", 1)[0] if ".to_" in key else None
+        following = base[i + 1] if i + 1 < len(base) else ""
+        if owner in adapters and not following.startswith(owner + ".to_"):
+            ordered.extend(adapters.pop(owner))
+    return ordered + [k for group in adapters.values() for k in group]
+
+
 def state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """The model's weights under the original key names (same shapes, same order)."""
-    return OrderedDict((to_original_key(k), v) for k, v in model.state_dict().items())
+    renamed = OrderedDict((to_original_key(k), v) for k, v in model.state_dict().items())
+    return OrderedDict((k, renamed[k]) for k in _original_order(list(renamed)))
 
 
 def load_state_dict(model: nn.Module, original_state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -174,7 +220,7 @@ def forward(model: UNet3D, x: torch.Tensor, t: torch.Tensor, **original_inputs) 
     if unknown:
         raise TypeError(f"{class_name}.forward got unexpected arguments {unknown}; accepted: {list(used + inert)}")
     inputs = {k: v for k, v in original_inputs.items() if k in used}
-    if class_name == "UNetSD_T2VBase" and not model.config.fps_condition:
+    if class_name in _T2V_CLASSES and not model.config.fps_condition:
         inputs.pop("fps", None)
     return model(
         x, t, text=inputs.get("y"), image=inputs.get("image"), first_frame=inputs.get("local_image"),
