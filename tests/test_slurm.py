@@ -25,7 +25,13 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import CONF_DIR, REPO
 from vgen.callbacks.checkpoint import StepCheckpoint
-from vgen.callbacks.preemption import PreemptionCheckpoint, resume_after_requeue, slurm_job_id
+from vgen.callbacks.preemption import (
+    PreemptionCheckpoint,
+    ignore_preemption_signals_in_worker,
+    preempted,
+    resume_after_requeue,
+    slurm_job_id,
+)
 from vgen.launch.run_id import persistent_run_id
 from vgen.launch.sbatch import LaunchError, shard_ranges
 
@@ -193,12 +199,34 @@ def test_signal_checkpoints_at_the_next_step_and_stops_outside_slurm(signum, tmp
                         enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=[_SignalAtStep(signum, 3), preemption, checkpoints])
     trainer.fit(_Linear())
-    assert trainer.global_step == 3 and preemption.stopped_at == 3 and not preemption.requeued
+    assert trainer.global_step == 3 and preemption.stopped_at == 3 and not preemption.requeued and preempted(trainer)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step0000003.ckpt"]
     saved = torch.load(tmp_path / "checkpoints" / "step0000003.ckpt", weights_only=True)
     assert saved["global_step"] == 3
     assert torch.equal(saved["state_dict"]["layer.weight"], trainer.lightning_module.layer.weight)
     assert signal.getsignal(signum) == before, "handlers are restored after fit"
+
+
+class _Numbers(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from range(10_000)
+
+
+def test_data_workers_survive_the_preemption_signals():
+    """SLURM signals the data workers too; with the worker_init_fn they keep serving batches."""
+    loader = torch.utils.data.DataLoader(_Numbers(), batch_size=None, num_workers=2, persistent_workers=True,
+                                         worker_init_fn=ignore_preemption_signals_in_worker)
+    iterator = iter(loader)
+    first = [next(iterator) for _ in range(4)]
+    pids = [str(worker.pid) for worker in iterator._workers]
+    # sent by another process, as slurmstepd does (a worker exits quietly only when its parent sends SIGTERM)
+    for name in ("TERM", "USR1"):
+        subprocess.run(["kill", f"-{name}", *pids], check=True, timeout=10)
+    time.sleep(0.5)
+    more = [next(iterator) for _ in range(36)]  # well past the 4 batches prefetched before the signals
+    assert all(worker.is_alive() for worker in iterator._workers)
+    assert sorted(first + more) == sorted(list(range(20)) * 2), "both workers go on from where they were"
+    del iterator
 
 
 def test_unknown_signal_name_is_a_config_error():
@@ -352,22 +380,22 @@ def differing(a: dict, b: dict, prefix="") -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(jobs):
+def reference_run(jobs):
     job, run_dir = jobs["runs"]["reference"]
     info = finished(job, run_dir / f"slurm-{job}.out")
     return job, run_dir, info
 
 
 @pytest.fixture(scope="module")
-def preempted(jobs):
+def preempted_run(jobs):
     job, run_dir = jobs["runs"]["preempted"]
     info = finished(job, run_dir / f"slurm-{job}.out")
     return job, run_dir, info
 
 
 @pytest.mark.slow
-def test_two_node_sbatch_training_completes_with_one_rank_per_node(reference):
-    job, run_dir, info = reference
+def test_two_node_sbatch_training_completes_with_one_rank_per_node(reference_run):
+    job, run_dir, info = reference_run
     log = run_dir / f"slurm-{job}.out"
     assert info.get("JobState") == "COMPLETED", f"{info.get('JobState')}\n{log_tail(log)}"
     starts = rank_lines(log)
@@ -378,8 +406,8 @@ def test_two_node_sbatch_training_completes_with_one_rank_per_node(reference):
 
 
 @pytest.mark.slow
-def test_usr1_checkpoints_requeues_and_resumes_from_that_step(preempted, reference):
-    job, run_dir, info = preempted
+def test_usr1_checkpoints_requeues_and_resumes_from_that_step(preempted_run, reference_run):
+    job, run_dir, info = preempted_run
     log = run_dir / f"slurm-{job}.out"
     text = log.read_text(errors="replace")
     assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", f"{info}\n{log_tail(log)}"
@@ -399,17 +427,17 @@ def test_usr1_checkpoints_requeues_and_resumes_from_that_step(preempted, referen
     offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(name.endswith(f"-{run_id}") for name in offline), offline
     # the preemption checkpoint is the uninterrupted run's state at that step, bit for bit
-    _, ref_dir, _ = reference
+    _, ref_dir, _ = reference_run
     ours, theirs = (load(d / "checkpoints" / f"step{stop_step:07d}.ckpt") for d in (run_dir, ref_dir))
     for key in ("state_dict", "optimizer_states", "ema"):
         assert not differing(ours[key], theirs[key]), f"{key} differs at step {stop_step}"
 
 
 @pytest.mark.slow
-def test_requeued_run_ends_with_the_uninterrupted_runs_weights(preempted, reference):
+def test_requeued_run_ends_with_the_uninterrupted_runs_weights(preempted_run, reference_run):
     """Needs the data-loader position (issue 4) and every rank's RNG state (issue 5) in the checkpoint."""
-    _, run_dir, _ = preempted
-    _, ref_dir, _ = reference
+    _, run_dir, _ = preempted_run
+    _, ref_dir, _ = reference_run
     name = f"step{MAX_STEPS:07d}.ckpt"
     ours, theirs = load(run_dir / "checkpoints" / name), load(ref_dir / "checkpoints" / name)
     assert ours["global_step"] == theirs["global_step"] == MAX_STEPS

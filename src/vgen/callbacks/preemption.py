@@ -78,6 +78,22 @@ def requeue(job_id: str) -> bool:
     return True
 
 
+def ignore_preemption_signals_in_worker(worker_id: int | None = None) -> None:
+    """``worker_init_fn`` for DataLoader workers: ignore SIGTERM/SIGUSR1/SIGUSR2.
+
+    SLURM signals every process of a job step, data workers included. PyTorch's workers die on SIGTERM, and the
+    training process then fails at its next batch ("DataLoader worker ... is killed by signal: Terminated")
+    before it reaches the step boundary where it would checkpoint. Workers still exit with their parent.
+    """
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def preempted(trainer) -> bool:
+    """True once a :class:`PreemptionCheckpoint` has stopped this run (so train-end work can be skipped)."""
+    return any(isinstance(c, PreemptionCheckpoint) and c.stopped_at is not None for c in trainer.callbacks)
+
+
 class PreemptionCheckpoint(L.Callback):
     """On one of ``signals``: checkpoint at the next optimizer step on all ranks, then stop (and requeue under SLURM).
 
@@ -175,5 +191,5 @@ class PreemptionCheckpoint(L.Callback):
             log.error("SLURM did not end the requeued run within %.0f s; exiting", self.wait_after_requeue_s)
 
 
-__all__ = ["PreemptionCheckpoint", "requeue", "restart_count", "resume_after_requeue", "slurm_job_id",
-           "slurm_plugins"]
+__all__ = ["PreemptionCheckpoint", "ignore_preemption_signals_in_worker", "preempted", "requeue", "restart_count",
+           "resume_after_requeue", "slurm_job_id", "slurm_plugins"]
