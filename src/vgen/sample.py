@@ -29,7 +29,8 @@ OPTIONS = {
     "num_frames": "frames to generate",
     "height": "pixel height",
     "width": "pixel width",
-    "steps": "DDIM steps",
+    "steps": "sampler steps (DDIM; LCM: 1-8, default 4)",
+    "sampler": "ddim (CFG) | lcm (consistency-distilled checkpoints: multistep LCM, no CFG; their default)",
     "guidance": "classifier-free guidance scale",
     "seed": "noise seed",
     "fps": "fps of the mp4 (and the fps condition of fps-conditioned models)",
@@ -104,7 +105,15 @@ def sample(args: dict[str, str]) -> Path:
     images = load_image(args["image"], height, width) if "image" in args else None
     if stage.image_conditioned and images is None:
         raise UsageError("this checkpoint is an image-to-video model: pass image=<png/jpg>")
-    video = stage.generate([args["prompt"]], num_frames=num_frames, height=height, width=width,
+    samplers = getattr(stage, "SAMPLERS", ("ddim",))
+    sampler = args.get("sampler", samplers[0])
+    if sampler not in samplers:
+        raise UsageError(f"sampler={sampler} is not available for this checkpoint ({type(stage).__name__}); "
+                         f"valid choices: {', '.join(samplers)}")
+    if sampler == "lcm" and "guidance" in args:
+        raise UsageError("guidance does not apply to sampler=lcm (consistency sampling uses no CFG)")
+    extra = {"sampler": sampler} if "sampler" in args else {}
+    video = stage.generate([args["prompt"]], num_frames=num_frames, height=height, width=width, **extra,
                            steps=int(args["steps"]) if "steps" in args else None,
                            guidance=float(args["guidance"]) if "guidance" in args else None,
                            seed=int(args.get("seed", 0)), negative_prompt=args.get("negative_prompt"),

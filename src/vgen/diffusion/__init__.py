@@ -2,6 +2,7 @@
 
 from vgen.diffusion.build import Diffusion, build_diffusion
 from vgen.diffusion.embedding import sinusoidal_embedding
+from vgen.diffusion.lcm import boundary_scalings, consistency_distillation_loss, lcm_sample, lcm_timesteps
 from vgen.diffusion.loss import diffusion_loss, sample_timesteps, training_noise
 from vgen.diffusion.parameterization import PREDICTIONS, Parameterization
 from vgen.diffusion.samplers import ddim_invert, ddim_sample, guided_output
@@ -22,13 +23,17 @@ __all__ = [
     "NoiseSchedule",
     "Parameterization",
     "beta_schedule",
+    "boundary_scalings",
     "build_diffusion",
+    "consistency_distillation_loss",
     "cosine_sigmas",
     "ddim_invert",
     "ddim_sample",
     "ddim_timesteps",
     "diffusion_loss",
     "guided_output",
+    "lcm_sample",
+    "lcm_timesteps",
     "logsnr_cosine_interp_sigmas",
     "rescale_zero_terminal_snr",
     "sample_timesteps",

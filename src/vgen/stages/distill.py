@@ -1,0 +1,347 @@
+"""Stage 5: latent consistency distillation (VideoLCM, arXiv 2312.09109) and LCM sampling of the student.
+
+A frozen teacher (any vgen stage-2/3 checkpoint, conditional variants included) drives a DDIM solver along its
+probability-flow ODE; the student -- the trainable ``unet``, initialised from the teacher -- learns to map every
+point of a trajectory to its end, against a target network that follows the student by EMA (rate 0.95). The
+maths is in :mod:`vgen.diffusion.lcm`; this module adds the networks, their life cycle and checkpointing.
+
+Teacher and target are deliberately *not* registered submodules: no strategy (DDP, ZeRO, FSDP2) wraps, shards or
+hands them to the optimizer, and the teacher is never written to a checkpoint. They follow the stage's device and
+dtype (``_apply``). The teacher is loaded in :meth:`setup` (fit only), so rebuilding a distilled checkpoint for
+sampling (``vgen.sample``) does not need the teacher file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from vgen.checkpoint.export import load_training_checkpoint, unet_weights
+from vgen.config import ConfigError
+from vgen.diffusion import Diffusion
+from vgen.diffusion.lcm import DISTANCES, consistency_distillation_loss, lcm_sample
+from vgen.stages.base import DiffusionStage
+from vgen.training.ema import EMA
+
+log = logging.getLogger(__name__)
+
+DISTILL_DEFAULTS = {"solver_steps": 50, "guidance": 9.0, "target_decay": 0.95, "loss": "huber", "huber_c": 0.001,
+                    "sigma_data": 0.5, "timestep_scaling": 10.0, "sample_steps": 4, "batch_cfg": False}
+# UNet settings that may differ between teacher and student (training-time switches, not architecture).
+_UNET_FREE_KEYS = {"dropout", "gradient_checkpointing"}
+# Encoder settings that may differ (where the weights file lives, chunking for memory).
+_ENCODER_FREE_KEYS = {"weights", "encode_chunk", "decode_chunk"}
+
+
+class ConsistencyDistillStage(DiffusionStage):
+    """Consistency distillation of a frozen teacher into the trainable ``unet`` (the student).
+
+    Args (beyond :class:`DiffusionStage`):
+        teacher: ``checkpoint`` (a vgen training ``.ckpt``; the teacher UNet is built from its stored run config;
+            ``None`` = a frozen copy of the student's initial weights, for smoke tests), ``ema`` (``None``: the
+            checkpoint's EMA weights when it has them; ``True``: require them; ``False``: the raw weights).
+        distill: ``solver_steps`` (N, skip k = T/N), ``guidance`` (w; teacher CFG scale 1 + w), ``target_decay``,
+            ``loss`` (huber | l2), ``huber_c``, ``sigma_data``, ``timestep_scaling``, ``sample_steps`` (LCM
+            steps of validation videos and ``vgen.sample``), ``batch_cfg`` (teacher cond + uncond in one call).
+    """
+
+    SAMPLERS = ("lcm", "ddim")
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        diffusion: Diffusion,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        image_encoder: nn.Module | None = None,
+        teacher: dict | None = None,
+        distill: dict | None = None,
+        optim: dict | None = None,
+        ema: dict | None = None,
+        conditioning: dict | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        conditioning = {"p_zero": 0.0, **(conditioning or {})}  # the student always sees the caption
+        super().__init__(unet, diffusion, vae, text_encoder, image_encoder, optim=optim, ema=ema,
+                         conditioning=conditioning, gradient_checkpointing=gradient_checkpointing)
+        self.teacher_cfg = {"checkpoint": None, "ema": None, **(teacher or {})}
+        self.distill_cfg = cfg = {**DISTILL_DEFAULTS, **(distill or {})}
+        unknown = sorted(set(cfg) - set(DISTILL_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown stage.distill keys {unknown}; valid keys: {sorted(DISTILL_DEFAULTS)}")
+        num_timesteps = diffusion.param.num_timesteps
+        if not (isinstance(cfg["solver_steps"], int) and 1 <= cfg["solver_steps"] <= num_timesteps):
+            raise ValueError(f"stage.distill.solver_steps must be an integer in [1, {num_timesteps}], "
+                             f"got {cfg['solver_steps']}")
+        checks = [("loss", cfg["loss"] in DISTANCES, f"one of {', '.join(DISTANCES)}"),
+                  ("target_decay", 0.0 <= cfg["target_decay"] < 1.0, "in [0, 1)"),
+                  ("guidance", cfg["guidance"] >= 0.0, ">= 0 (w; the teacher's CFG scale is 1 + w)"),
+                  ("huber_c", cfg["huber_c"] > 0.0, "> 0"), ("sigma_data", cfg["sigma_data"] > 0.0, "> 0"),
+                  ("timestep_scaling", cfg["timestep_scaling"] > 0.0, "> 0"),
+                  ("sample_steps", 1 <= cfg["sample_steps"] <= cfg["solver_steps"],
+                   f"in [1, solver_steps={cfg['solver_steps']}]")]
+        for key, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"stage.distill.{key} must be {valid}, got {cfg[key]!r}")
+        # Plain dict, not attributes: nn.Module would register the networks as submodules.
+        self._networks: dict[str, nn.Module | None] = {"teacher": None, "target": None}
+        self._teacher_run_config: dict | None = None
+        self._pending_target: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ teacher and target networks
+    @property
+    def teacher(self) -> nn.Module:
+        return self._network("teacher")
+
+    @property
+    def target(self) -> nn.Module:
+        return self._network("target")
+
+    def _network(self, name: str) -> nn.Module:
+        net = self._networks[name]
+        if net is None:
+            raise RuntimeError(f"the {name} network is built in setup('fit'); call stage.setup('fit') first")
+        return net
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for net in self._networks.values():
+            if net is not None:
+                net._apply(fn, recurse)
+        return self
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.prepare_networks()
+
+    def prepare_networks(self) -> None:
+        """Load the teacher, initialise the student (and its EMA) from it, and copy it into the target network."""
+        if self._networks["teacher"] is not None:
+            return
+        path = self.teacher_cfg["checkpoint"]
+        if path is None:
+            rank_zero_warn("stage.teacher.checkpoint is null: distilling from a frozen copy of the student's initial "
+                           "weights (only meaningful for smoke tests)")
+            teacher = copy.deepcopy(self.unet)
+        else:
+            teacher = self._load_teacher(str(path))
+            self.unet.load_state_dict(teacher.state_dict(), strict=True)
+            if self.ema is not None:
+                self.ema = EMA(self.unet, self.ema.decay, self.ema.start_step)
+        reference = next(self.unet.parameters())
+        teacher.to(device=reference.device, dtype=reference.dtype).requires_grad_(False).eval()
+        target = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self._networks.update(teacher=teacher, target=target)
+        if self._pending_target is not None:
+            self._load_target(self._pending_target)
+            self._pending_target = None
+        self._check_encoders()
+
+    def _load_teacher(self, path: str) -> nn.Module:
+        key = f"stage.teacher.checkpoint={path}"
+        if not Path(path).is_file():
+            raise ConfigError(f"{key}: no such file (point it at the stage-2/3 teacher's .ckpt)")
+        ckpt = load_training_checkpoint(path)
+        run_config = ckpt.get("vgen_config")
+        if not isinstance(run_config, dict) or "unet" not in run_config.get("model", {}):
+            raise ConfigError(f"{key}: the checkpoint has no vgen_config with model.unet (not written by vgen.train)")
+        self._teacher_run_config = run_config
+        teacher = instantiate(run_config["model"]["unet"])
+        self._check_architecture(teacher, key)
+        self._check_diffusion(instantiate(run_config["diffusion"]), key)
+        use_ema = self.teacher_cfg["ema"]
+        if use_ema is None:
+            use_ema = "ema" in ckpt
+        elif use_ema and "ema" not in ckpt:
+            raise ConfigError(f"{key}: stage.teacher.ema is true but the checkpoint has no EMA weights")
+        teacher.load_state_dict(unet_weights(ckpt, ema=bool(use_ema)), strict=True)
+        log.info("teacher: %s (%s weights, step %s)", path, "EMA" if use_ema else "raw", ckpt.get("global_step"))
+        return teacher
+
+    def _check_architecture(self, teacher: nn.Module, key: str) -> None:
+        mine = getattr(self.unet, "config", None)
+        theirs = getattr(teacher, "config", None)
+        if type(teacher) is not type(self.unet) or mine is None or theirs is None:
+            raise ConfigError(f"{key}: the teacher is a {type(teacher).__name__}, model.unet a "
+                              f"{type(self.unet).__name__}; the student must have the teacher's architecture")
+        mine, theirs = mine.to_dict(), theirs.to_dict()
+        differ = [k for k in mine if k not in _UNET_FREE_KEYS and mine[k] != theirs.get(k)]
+        if differ:
+            detail = ", ".join(f"{k} (teacher {theirs.get(k)!r}, model.unet {mine[k]!r})" for k in differ[:4])
+            raise ConfigError(f"{key}: model.unet differs from the teacher's UNet in {detail}; the student is "
+                              "initialised from the teacher, so choose the teacher's model/unet")
+
+    def _check_diffusion(self, teacher_diffusion: Diffusion, key: str) -> None:
+        mine, theirs = self.diffusion.param, teacher_diffusion.param
+        if mine.prediction != theirs.prediction:
+            raise ConfigError(f"{key}: diffusion.prediction={mine.prediction} but the teacher predicts "
+                              f"{theirs.prediction}; choose the teacher's diffusion config")
+        if mine.schedule.betas.shape != theirs.schedule.betas.shape or not torch.allclose(
+                mine.schedule.betas, theirs.schedule.betas, rtol=0, atol=1e-12):
+            raise ConfigError(f"{key}: the diffusion noise schedule differs from the teacher's; choose the teacher's "
+                              "diffusion config")
+
+    def _check_encoders(self) -> None:
+        """The frozen encoders must be the teacher's (same class and settings; the weights path may differ)."""
+        if self._teacher_run_config is None or self.run_config is None:
+            return
+        for name in ("vae", "text_encoder", "image_encoder"):
+            mine = self.run_config.get("model", {}).get(name) or {}
+            theirs = self._teacher_run_config.get("model", {}).get(name) or {}
+            differ = sorted(k for k in set(mine) | set(theirs)
+                            if k not in _ENCODER_FREE_KEYS and mine.get(k) != theirs.get(k))
+            if differ:
+                k = differ[0]
+                raise ConfigError(f"model.{name}.{k}={mine.get(k)!r} differs from the teacher's ({theirs.get(k)!r}, "
+                                  f"stage.teacher.checkpoint={self.teacher_cfg['checkpoint']}); use the teacher's "
+                                  f"model/{name}")
+
+    def update_target(self) -> None:
+        """Move the target network towards the student by ``distill.target_decay`` (after each optimizer step)."""
+        update_target_network(self.target, self.unet, self.distill_cfg["target_decay"])
+
+    def _load_target(self, state: dict[str, torch.Tensor]) -> None:
+        target = self.target
+        expected, given = set(target.state_dict()), set(state)
+        if expected != given:
+            raise KeyError(f"checkpoint lcm_target does not match the UNet: missing {sorted(expected - given)[:5]}, "
+                           f"unexpected {sorted(given - expected)[:5]}")
+        reference = next(target.parameters())
+        target.load_state_dict({k: v.to(reference.device) for k, v in state.items()}, strict=True)
+
+    # ------------------------------------------------------------------ persistence
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._networks["target"] is not None:
+            checkpoint["lcm_target"] = {k: v.detach().cpu() for k, v in self.target.state_dict().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "lcm_target" not in checkpoint:
+            raise KeyError("checkpoint has no lcm_target (the consistency target network): resume a distillation "
+                           "run from its own checkpoints; the teacher goes in stage.teacher.checkpoint")
+        if self._networks["target"] is None:
+            self._pending_target = checkpoint["lcm_target"]
+        else:
+            self._load_target(checkpoint["lcm_target"])
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def distill_conditions(self, batch: dict, latents: torch.Tensor) -> tuple[dict, dict]:
+        """(cond, uncond) UNet inputs: the captions (with ``p_zero`` dropout, 0 by default) and, for the teacher's
+        unconditional branch, the negative prompt and a zero CLIP image embedding (the first frame is kept)."""
+        cond = self.training_conditions(batch, latents)
+        uncond = {**cond, "text": self.negative_embedding(latents.shape[0])}
+        if "image" in cond:
+            uncond["image"] = torch.zeros_like(cond["image"])
+        return cond, uncond
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        cfg = self.distill_cfg
+        latents = self.encode_video(batch["video"])
+        cond, uncond = self.distill_conditions(batch, latents)
+        per_sample, _ = consistency_distillation_loss(
+            self.unet, self.target, self.teacher, self.diffusion.param, latents, cond=cond, uncond=uncond,
+            **self._seeded_draws(batch, latents),
+            guidance=cfg["guidance"], solver_steps=cfg["solver_steps"], loss=cfg["loss"], huber_c=cfg["huber_c"],
+            sigma_data=cfg["sigma_data"], timestep_scaling=cfg["timestep_scaling"], batch_cfg=cfg["batch_cfg"])
+        return per_sample.mean()
+
+    def _seeded_draws(self, batch: dict, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample solver index and noise from ``batch["noise_seed"]`` (world-size independent); empty without."""
+        if "noise_seed" not in batch:
+            return {}
+        indices, noises = [], []
+        for i, seed in enumerate(batch["noise_seed"].tolist()):
+            g = torch.Generator().manual_seed(int(seed))
+            indices.append(torch.randint(0, self.distill_cfg["solver_steps"], (1,), generator=g))
+            noises.append(torch.randn(latents[i:i + 1].shape, generator=g))
+        return {"index": torch.cat(indices).to(latents.device),
+                "noise": torch.cat(noises).to(device=latents.device, dtype=latents.dtype)}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step (and the base's EMA), then the target update, before any callback checkpoints."""
+        skipped_before = getattr(self, "nonfinite_steps", 0)
+        super().optimizer_step(*args, **kwargs)
+        if getattr(self, "nonfinite_steps", 0) == skipped_before:  # not a step the non-finite guard skipped
+            self.update_target()
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, sampler: str = "lcm", steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, **kwargs) -> torch.Tensor:
+        """Videos [B, 3, F, H, W] in [-1, 1]: multistep LCM without CFG (default; ``steps`` defaults to
+        ``distill.sample_steps``), or ``sampler="ddim"`` for the base's DDIM with CFG. Other arguments as
+        :meth:`DiffusionStage.generate`."""
+        if sampler == "ddim":
+            return super().generate(prompts, steps=steps, guidance=guidance, seed=seed, **kwargs)
+        if sampler != "lcm":
+            raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(self.SAMPLERS)}")
+        if guidance is not None:
+            raise ValueError("guidance applies to sampler=ddim only: the LCM sampler uses no classifier-free guidance")
+        lcm = _LCMSampling(self.diffusion, steps or self.distill_cfg["sample_steps"], self.distill_cfg, seed)
+        teacher_sampling, self.diffusion = self.diffusion, lcm
+        try:  # the base builds the conditions, draws x_T from ``seed`` and decodes; only the sampler differs
+            return super().generate(prompts, steps=lcm.ddim_steps, guidance=1.0, seed=seed, **kwargs)
+        finally:
+            self.diffusion = teacher_sampling
+
+
+class _LCMSampling:
+    """Stands in for :class:`Diffusion` during :meth:`ConsistencyDistillStage.generate`: ``sample`` runs LCM.
+
+    Re-noising draws from its own generator seeded with ``seed + 1_000_003``, so it never repeats x_T's noise.
+    """
+
+    def __init__(self, diffusion: Diffusion, steps: int, cfg: dict, seed: int):
+        self.param = diffusion.param
+        self.ddim_steps = steps
+        self.guidance_scale = 1.0
+        self.cfg = cfg
+        self.seed = seed + 1_000_003
+
+    def sample(self, model, x_T: torch.Tensor, *, cond=None, uncond=None, guidance_scale=1.0, steps=None):
+        generator = torch.Generator(device=x_T.device).manual_seed(self.seed)
+        return lcm_sample(model, x_T, self.param, steps or self.ddim_steps, cond=cond,
+                          original_steps=self.cfg["solver_steps"], sigma_data=self.cfg["sigma_data"],
+                          timestep_scaling=self.cfg["timestep_scaling"], generator=generator)
+
+
+@torch.no_grad()
+def update_target_network(target: nn.Module, online: nn.Module, rate: float) -> None:
+    """target <- rate * target + (1 - rate) * online for the parameters; buffers are copied."""
+    with _full_parameters(online) as current:
+        for name, param in target.named_parameters():
+            param.lerp_(current[name].to(param.dtype), 1.0 - rate)
+    buffers = dict(online.named_buffers())
+    for name, buffer in target.named_buffers():
+        buffer.copy_(buffers[name])
+
+
+@contextlib.contextmanager
+def _full_parameters(module: nn.Module):
+    """``{name: full tensor}`` of ``module``'s parameters, gathered where a strategy shards them.
+
+    FSDP2 parameters are DTensors (``full_tensor()`` all-gathers; every rank must call it in the same order);
+    DeepSpeed ZeRO-3 parameters are gathered for the duration of the block.
+    """
+    params = dict(module.named_parameters())
+    zero3 = [p for p in params.values() if hasattr(p, "ds_id")]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+            yield {n: p.detach() for n, p in params.items()}
+        return
+    from torch.distributed.tensor import DTensor
+
+    yield {n: p.full_tensor().detach() if isinstance(p, DTensor) else p.detach() for n, p in params.items()}
