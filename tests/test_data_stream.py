@@ -278,3 +278,18 @@ def test_skip_counters_are_logged_summed_over_workers(bad_shards, tmp_path):
     assert float(last["data/skipped/unsafe_member"]) == counts["unsafe_member"] >= 3
     with pytest.raises(ValueError, match=r"callbacks\.data_stats\.log_every_n_steps"):
         DataStats(0)
+
+
+def test_a_module_that_hides_the_batch_hook_is_refused(unequal_shards):
+    import lightning as L
+
+    class Hiding(L.LightningModule):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            return batch
+
+    module = module_for([{"urls": unequal_shards, "type": "video"}])
+    module.trainer = SimpleNamespace(global_rank=0, world_size=1, lightning_module=Hiding())
+    with pytest.raises(TypeError, match="Hiding overrides on_before_batch_transfer"):
+        module.train_dataloader()
+    module.trainer.lightning_module = L.LightningModule()
+    assert module.train_dataloader() is not None

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import lightning as L
 import torch.distributed as dist
 import webdataset as wds
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
 from vgen.data.buckets import BUCKET_MODES, Bucket, parse_buckets
@@ -220,6 +221,12 @@ class VideoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:
             self.setup("fit")
+        module = getattr(self.trainer, "lightning_module", None)
+        if module is not None and is_overridden("on_before_batch_transfer", module):
+            raise TypeError(
+                f"{type(module).__name__} overrides on_before_batch_transfer, which hides VideoDataModule's: the "
+                "loader position would not be recorded and resume would not be exact; move that logic elsewhere"
+            )
         return DataLoader(
             self.dataset,
             batch_size=None,  # the stream batches itself: each batch is all video or all image, one shape
