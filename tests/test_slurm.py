@@ -331,11 +331,12 @@ def jobs(cluster, tmp_path_factory):
                            *SYNTHETIC_ARGS, env=env).stdout.strip()
         submitted.append(array_job)
         sweep_log = root / "multirun.log"
+        sweep_name = f"vgen-test-sweep-{os.getpid()}"  # to cancel its jobs by name if the test stops early
         with open(sweep_log, "w") as log:
             sweep = subprocess.Popen([PY, "-m", "vgen.train", "-m", "hydra/launcher=slurm", "experiment=demo",
                                       "debug=tiny", "trainer.devices=1", "seed=1,2", "name=sweep",
                                       f"paths.log_dir={root / 'out'}", f"paths.data_dir={data}",
-                                      "hydra.launcher.timeout_min=10"],
+                                      "hydra.launcher.timeout_min=10", f"hydra.launcher.name={sweep_name}"],
                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         job, run_dir = runs["preempted"]
         step_ckpt = run_dir / "checkpoints" / f"step{SIGNAL_AFTER_STEP:07d}.ckpt"
@@ -349,9 +350,11 @@ def jobs(cluster, tmp_path_factory):
         if sweep is not None and sweep.poll() is None:
             sweep.terminate()
             sweep.wait(timeout=30)
-        for job in submitted:
-            if job_active(job):
-                subprocess.run(["scancel", job], check=False, timeout=30)
+        leftover = [job for job in submitted if job_active(job)]
+        if leftover:
+            subprocess.run(["scancel", *leftover], check=False, timeout=30)
+        if sweep is not None:
+            subprocess.run(["scancel", f"--name={sweep_name}"], check=False, timeout=30)
         for ckpt_dir in (root / "out").glob("*/checkpoints"):
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # ~0.5 GB of per-step checkpoints
 
