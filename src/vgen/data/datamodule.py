@@ -227,10 +227,13 @@ class VideoDataModule(L.LightningDataModule):
                 f"{type(module).__name__} overrides on_before_batch_transfer, which hides VideoDataModule's: the "
                 "loader position would not be recorded and resume would not be exact; move that logic elsewhere"
             )
+        from vgen.callbacks.preemption import ignore_preemption_signals_in_worker
+
         return DataLoader(
             self.dataset,
             batch_size=None,  # the stream batches itself: each batch is all video or all image, one shape
             num_workers=self.num_workers,
+            worker_init_fn=ignore_preemption_signals_in_worker,  # SLURM's SIGTERM must not kill the workers first
         )
 
     # ------------------------------------------------------------------ position and counters
