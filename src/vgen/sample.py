@@ -2,10 +2,12 @@
 
     python -m vgen.sample checkpoint=<ckpt> prompt="a red circle moving left" [image=<png/jpg>] \
         [num_frames=8] [height=32] [width=32] [steps=50] [guidance=9.0] [seed=0] [fps=8] [ema=true] \
-        [negative_prompt="..."] out=<file.mp4>
+        [negative_prompt="..."] [refiner=<ckpt> refine_height=720 refine_width=1280 ...] out=<file.mp4>
 
-Defaults for size, frames and fps come from the checkpoint's training config. DDIM with classifier-free guidance
-against the negative prompt (and a zero image embedding for image-to-video models).
+Defaults for size, frames, fps, steps and guidance come from the checkpoint's training config (the VGen recipes:
+50 DDIM steps, guidance 9). DDIM with classifier-free guidance against the negative prompt (and a zero image
+embedding for image-to-video models). ``refiner=`` runs the result through a refinement-model checkpoint
+(``experiment=i2vgen_refine``): resized to its resolution, noised to its noise level, denoised with the prompt.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ OPTIONS = {
     "fps": "fps of the mp4 (and the fps condition of fps-conditioned models)",
     "ema": "use the EMA weights (true/false)",
     "negative_prompt": "unconditional prompt for CFG (default: the training negative prompt)",
+    "refiner": "refinement-model checkpoint (experiment=i2vgen_refine) to cascade the video through",
+    "refine_height": "refined pixel height (default: the refiner's training height)",
+    "refine_width": "refined pixel width (default: the refiner's training width)",
+    "refine_steps": "refinement DDIM steps (default: the refiner's diffusion.ddim_steps)",
+    "refine_noise_levels": "noise levels of the refinement (default: the refiner's stage.noise_levels, 700)",
+    "refine_prompt": "the refiner's text (default: prompt)",
 }
 REQUIRED = ("checkpoint", "prompt", "out")
 
@@ -118,7 +126,24 @@ def sample(args: dict[str, str]) -> Path:
                            guidance=float(args["guidance"]) if "guidance" in args else None,
                            seed=int(args.get("seed", 0)), negative_prompt=args.get("negative_prompt"),
                            images=images, fps=fps)
+    if "refiner" in args:
+        video = refine(video, args)
     return write_mp4(to_uint8_frames(video[0]), args["out"], fps=fps)
+
+
+def refine(video: torch.Tensor, args: dict[str, str]) -> torch.Tensor:
+    """The cascade's second stage: ``video`` through the refinement model of ``args["refiner"]``."""
+    refiner, cfg = load_stage(args["refiner"], _bool(args["ema"]) if "ema" in args else None)
+    if not hasattr(refiner, "refine"):
+        raise UsageError(f"refiner={args['refiner']} is a {type(refiner).__name__} checkpoint, not a refinement model "
+                         "(train one with experiment=i2vgen_refine)")
+    width, height = cfg.get("data", {}).get("resolution") or video.shape[-1:-3:-1]
+    steps = args.get("refine_steps", cfg.get("diffusion", {}).get("ddim_steps", 30))
+    return refiner.refine(video, [args.get("refine_prompt", args["prompt"])],
+                          height=int(args.get("refine_height", height)), width=int(args.get("refine_width", width)),
+                          steps=int(steps), noise_levels=int(args["refine_noise_levels"])
+                          if "refine_noise_levels" in args else None,
+                          negative_prompt=args.get("negative_prompt"), seed=int(args.get("seed", 0)))
 
 
 def main(argv: list[str] | None = None) -> int:

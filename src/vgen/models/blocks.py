@@ -111,6 +111,7 @@ class TemporalTransformer(nn.Module):
         if position not in ("none", "sinusoidal"):
             raise ValueError(f"position={position!r} is not one of ('none', 'sinusoidal')")
         self.position = position
+        self.bypass = False  # UNet3D.set_temporal_bypass: act as the identity
         inner = heads * head_dim
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Conv1d(channels, inner, 1)
@@ -120,6 +121,8 @@ class TemporalTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x, emb=None, context=None, num_frames=1):
+        if self.bypass:
+            return x
         video = unfold_frames(x, num_frames)  # [B, C, F, H, W]
         b, c, f, h, w = video.shape
         tokens = self.norm(video).permute(0, 3, 4, 1, 2).reshape(b * h * w, c, f)
@@ -153,8 +156,11 @@ class TemporalConvBlock(nn.Module):
         self.conv4 = stage(True)
         nn.init.zeros_(self.conv4[-1].weight)
         nn.init.zeros_(self.conv4[-1].bias)
+        self.bypass = False  # UNet3D.set_temporal_bypass: act as the identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, F, H, W]
+        if self.bypass:
+            return x
         return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
 
 

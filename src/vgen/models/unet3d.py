@@ -50,6 +50,8 @@ class UNet3DConfig:
     fps_condition: bool = False  # add an MLP of sinusoid(fps) to the timestep embedding
     image_tokens: int = 0  # CLIP image embedding -> this many context tokens (0 = off)
     image_dim: int = 1024  # width of the CLIP image embedding
+    image_token_hidden: int = 0  # hidden width of the image-token MLP (0 = 4 * model_channels; TF-T2V: 1024)
+    concat_channels: int = 0  # extra input channels fed zeros (TF-T2V's 8 unused VideoComposer condition channels)
     first_frame_condition: bool = False  # I2VGen-XL first-frame latent concat + 64 local tokens
     first_frame_encoder_depth: int = 1  # layers of the first-frame temporal encoder
     resample: str = "standard"  # "standard" or "sr600" (asymmetric downsample padding, cropping upsample)
@@ -70,6 +72,10 @@ class UNet3DConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("image_token_hidden", "concat_channels"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
         if not self.channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m <= 0
                                         for m in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty list of positive integers, got {self.channel_mult}")
@@ -104,7 +110,8 @@ class UNet3D(nn.Module):
 
         self.time_embed = EmbeddingMLP(dim, embed_dim)
         self.image_tokens = (
-            ImageTokens(cfg.image_dim, embed_dim, cfg.context_dim, cfg.image_tokens) if cfg.image_tokens else None
+            ImageTokens(cfg.image_dim, cfg.image_token_hidden or embed_dim, cfg.context_dim, cfg.image_tokens)
+            if cfg.image_tokens else None
         )
         self.fps_embed = EmbeddingMLP(dim, embed_dim, zero_init_last=True) if cfg.fps_condition else None
         self.first_frame = (
@@ -119,7 +126,7 @@ class UNet3D(nn.Module):
                 layers.append(TemporalTransformer(channels, heads, cfg.head_dim, cfg.temporal_position))
             return layers
 
-        input_channels = cfg.in_channels * (2 if cfg.first_frame_condition else 1)
+        input_channels = cfg.in_channels * (2 if cfg.first_frame_condition else 1) + cfg.concat_channels
         init = [nn.Conv2d(input_channels, dim, 3, padding=1)]
         if cfg.temporal_attention:
             init.append(TemporalTransformer(dim, cfg.init_temporal_heads, cfg.head_dim, cfg.temporal_position))
@@ -167,16 +174,24 @@ class UNet3D(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
+    def set_temporal_bypass(self, enabled: bool = True) -> None:
+        """Skip every temporal conv and temporal transformer (identity), e.g. for image-only pretraining."""
+        for module in self.modules():
+            if isinstance(module, (TemporalTransformer, TemporalConvBlock)):
+                module.bypass = enabled
+
+    def temporal_parameter_names(self) -> list[str]:
+        """Parameters of the temporal convs and temporal transformers of the trunk."""
+        return [f"{name}.{p}" for name, mod in self.named_modules()
+                if isinstance(mod, (TemporalTransformer, TemporalConvBlock)) for p, _ in mod.named_parameters()]
+
     def spatial_parameter_names(self) -> list[str]:
         """Parameters of the trunk inherited from Stable Diffusion 2.1 (not temporal, not embeddings/conditions).
 
         This is exactly the set VGen lists in ``stable_diffusion_image_key_temporal_attention_x1.json`` (682 keys
         at full size), whose gradients the VGen recipe scales by ``grad_scale``.
         """
-        temporal = {
-            f"{name}.{p}" for name, mod in self.named_modules()
-            if isinstance(mod, (TemporalTransformer, TemporalConvBlock)) for p, _ in mod.named_parameters()
-        }
+        temporal = set(self.temporal_parameter_names())
         trunk = ("input_blocks.", "middle_block.", "output_blocks.", "out.")
         return [n for n, _ in self.named_parameters() if n.startswith(trunk) and n not in temporal]
 
@@ -210,7 +225,8 @@ class UNet3D(nn.Module):
             raise ValueError("text context is required ([B, L, context_dim]); for the unconditional branch pass "
                              "the negative-prompt (or empty-prompt) embedding")
         b, c, f, _, _ = x.shape
-        if c + (self.config.in_channels if self.first_frame is not None else 0) != self.input_blocks[0][0].in_channels:
+        extra = (self.config.in_channels if self.first_frame is not None else 0) + self.config.concat_channels
+        if c + extra != self.input_blocks[0][0].in_channels:
             raise ValueError(f"x has {c} channels, the model expects in_channels={self.config.in_channels}")
         if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.config.context_dim:
             raise ValueError(f"text must be [B={b}, L, context_dim={self.config.context_dim}], got {tuple(text.shape)}")
@@ -227,6 +243,8 @@ class UNet3D(nn.Module):
             frame0 = self.first_frame.first_frame(first_frame.to(x.dtype))
             x = torch.cat([x, self.first_frame.concat(frame0, f)], dim=1)
             context.append(self.first_frame.tokens(frame0))
+        if self.config.concat_channels:
+            x = torch.cat([x, x.new_zeros(b, self.config.concat_channels, *x.shape[2:])], dim=1)
         if self.image_tokens is not None and image is not None:
             context.append(self.image_tokens(image.to(x.dtype)))
         context = torch.cat(context, dim=1).repeat_interleave(f, dim=0)

@@ -110,8 +110,10 @@ class IdentityAutoencoder(FrozenModule):
     scale_factor = 1.0
     downsample = 1
 
-    def __init__(self):
+    def __init__(self, weights: str | None = None):
         super().__init__()
+        if weights is not None:  # accepted so that configs can null every autoencoder's weights alike
+            raise ValueError(f"model.vae: the identity autoencoder has no weights, got weights={weights!r}")
         self.freeze()
 
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None,

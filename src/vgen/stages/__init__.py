@@ -1,6 +1,13 @@
-"""Training stages: one LightningModule per stage of the VGen recipes, all sharing :class:`DiffusionStage`."""
+"""Training stages: one LightningModule per stage of the VGen recipes, all sharing :class:`DiffusionStage`.
+
+Stage 1 :class:`ImagePretrainStage`, stage 2 :class:`JointImageVideoStage` (T2V, I2VGen-XL, TF-T2V options),
+stage 3 :class:`HQFinetuneStage`, and the cascade's :class:`RefinementStage`.
+"""
 
 from vgen.stages.base import DiffusionStage
+from vgen.stages.hq import HQFinetuneStage
+from vgen.stages.image import ImagePretrainStage
 from vgen.stages.joint import JointImageVideoStage
+from vgen.stages.refine import RefinementStage
 
-__all__ = ["DiffusionStage", "JointImageVideoStage"]
+__all__ = ["DiffusionStage", "HQFinetuneStage", "ImagePretrainStage", "JointImageVideoStage", "RefinementStage"]
