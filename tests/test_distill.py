@@ -334,3 +334,59 @@ def test_distill_a_trained_teacher_resume_and_sample(demo_data, tmp_path):
     assert frames.shape == (4, 16, 16, 3)
     assert sample_main([*args, "guidance=3"]) == 2
     assert sample_main([f"checkpoint={teacher}", *args[1:]]) == 2, "sampler=lcm needs a distilled checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------- sharded strategies
+def strategy_worker(spec: dict) -> None:
+    """``python tests/test_distill.py '<json spec>'``: train in this process (Lightning starts rank 1 from it)."""
+    from pathlib import Path
+
+    out = Path(spec["out"])
+    run_training([f"paths.log_dir={out.parent}", *spec["overrides"]], out)
+
+
+def launch_two_ranks(out, overrides):
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "RANK", "WORLD_SIZE",
+                                                                      "MASTER_"))}
+    env.update(WANDB_MODE="offline", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO / "src")]))
+    spec = json.dumps({"out": str(out), "overrides": overrides})
+    result = subprocess.run([sys.executable, __file__, spec], check=False, cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900, start_new_session=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero3"])
+def test_sharded_student_updates_the_target_from_full_weights_and_resumes(strategy, demo_data, tmp_path):
+    from vgen.checkpoint.export import load_unet_weights
+    from vgen.checkpoint.sharded import deepspeed_metadata
+
+    out = tmp_path / "run"
+    common = ["experiment=videolcm_distill", "debug=tiny", f"strategy={strategy}", "trainer.devices=2",
+              f"paths.data_dir={demo_data}", "data.sources.1.weight=0", "data.num_frames=4", "data.resolution=[16,16]",
+              "callbacks.sample_videos=null", "callbacks.progress=null", "model.unet.dropout=0.0"]
+    launch_two_ranks(out, [*common, "trainer.max_steps=2"])
+    launch_two_ranks(out, [*common, "trainer.max_steps=3", "resume=auto"])
+    first, last = out / "checkpoints" / "step0000002.ckpt", out / "checkpoints" / "step0000003.ckpt"
+    assert first.is_dir() and last.is_dir(), "sharded strategies write checkpoint directories"
+    targets = []
+    for ckpt in (first, last):
+        # the client state (step, config, target network) is in DeepSpeed's rank-0 model-states file, or in the
+        # metadata file of the DCP checkpoint
+        meta = deepspeed_metadata(ckpt) if strategy.startswith("deepspeed") else load_unet_weights(ckpt)[1]
+        targets.append(meta["lcm_target"])
+    student, _ = load_unet_weights(last)
+    assert set(targets[1]) == set(student)
+    for name, value in targets[1].items():  # the resumed run moved the saved target towards the gathered student
+        torch.testing.assert_close(value, 0.95 * targets[0][name] + 0.05 * student[name], rtol=0, atol=1e-6)
+    assert any(not torch.equal(targets[0][k], targets[1][k]) for k in student)
+
+
+if __name__ == "__main__":
+    import json
+
+    strategy_worker(json.loads(sys.argv[1]))

@@ -51,6 +51,7 @@ class ConsistencyDistillStage(DiffusionStage):
         distill: ``solver_steps`` (N, skip k = T/N), ``guidance`` (w; teacher CFG scale 1 + w), ``target_decay``,
             ``loss`` (huber | l2), ``huber_c``, ``sigma_data``, ``timestep_scaling``, ``sample_steps`` (LCM
             steps of validation videos and ``vgen.sample``), ``batch_cfg`` (teacher cond + uncond in one call).
+        base_options: the remaining :class:`DiffusionStage` options (``gradient_checkpointing``, ...).
     """
 
     SAMPLERS = ("lcm", "ddim")
@@ -67,11 +68,11 @@ class ConsistencyDistillStage(DiffusionStage):
         optim: dict | None = None,
         ema: dict | None = None,
         conditioning: dict | None = None,
-        gradient_checkpointing: bool = False,
+        **base_options: Any,
     ):
         conditioning = {"p_zero": 0.0, **(conditioning or {})}  # the student always sees the caption
         super().__init__(unet, diffusion, vae, text_encoder, image_encoder, optim=optim, ema=ema,
-                         conditioning=conditioning, gradient_checkpointing=gradient_checkpointing)
+                         conditioning=conditioning, **base_options)
         self.teacher_cfg = {"checkpoint": None, "ema": None, **(teacher or {})}
         self.distill_cfg = cfg = {**DISTILL_DEFAULTS, **(distill or {})}
         unknown = sorted(set(cfg) - set(DISTILL_DEFAULTS))
@@ -148,23 +149,17 @@ class ConsistencyDistillStage(DiffusionStage):
 
     def _load_teacher(self, path: str) -> nn.Module:
         key = f"stage.teacher.checkpoint={path}"
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise ConfigError(f"{key}: no such file (point it at the stage-2/3 teacher's .ckpt)")
-        ckpt = load_training_checkpoint(path)
-        run_config = ckpt.get("vgen_config")
+        weights, run_config, used_ema = read_teacher_checkpoint(Path(path), self.teacher_cfg["ema"], key)
         if not isinstance(run_config, dict) or "unet" not in run_config.get("model", {}):
             raise ConfigError(f"{key}: the checkpoint has no vgen_config with model.unet (not written by vgen.train)")
         self._teacher_run_config = run_config
         teacher = instantiate(run_config["model"]["unet"])
         self._check_architecture(teacher, key)
         self._check_diffusion(instantiate(run_config["diffusion"]), key)
-        use_ema = self.teacher_cfg["ema"]
-        if use_ema is None:
-            use_ema = "ema" in ckpt
-        elif use_ema and "ema" not in ckpt:
-            raise ConfigError(f"{key}: stage.teacher.ema is true but the checkpoint has no EMA weights")
-        teacher.load_state_dict(unet_weights(ckpt, ema=bool(use_ema)), strict=True)
-        log.info("teacher: %s (%s weights, step %s)", path, "EMA" if use_ema else "raw", ckpt.get("global_step"))
+        teacher.load_state_dict(weights, strict=True)
+        log.info("teacher: %s (%s weights)", path, "EMA" if used_ema else "raw")
         return teacher
 
     def _check_architecture(self, teacher: nn.Module, key: str) -> None:
@@ -194,7 +189,8 @@ class ConsistencyDistillStage(DiffusionStage):
         """The frozen encoders must be the teacher's (same class and settings; the weights path may differ)."""
         if self._teacher_run_config is None or self.run_config is None:
             return
-        for name in ("vae", "text_encoder", "image_encoder"):
+        uses_image = self.image_conditioned or bool(getattr(self.unet.config, "image_tokens", 0))
+        for name in ("vae", "text_encoder", "image_encoder") if uses_image else ("vae", "text_encoder"):
             mine = self.run_config.get("model", {}).get(name) or {}
             theirs = self._teacher_run_config.get("model", {}).get(name) or {}
             differ = sorted(k for k in set(mine) | set(theirs)
@@ -294,6 +290,31 @@ class ConsistencyDistillStage(DiffusionStage):
             return super().generate(prompts, steps=lcm.ddim_steps, guidance=1.0, seed=seed, **kwargs)
         finally:
             self.diffusion = teacher_sampling
+
+
+def read_teacher_checkpoint(path: Path, ema: bool | None, key: str) -> tuple[dict[str, torch.Tensor], dict, bool]:
+    """(UNet weights, stored run config, whether they are the EMA weights) of a vgen training checkpoint.
+
+    ``path`` is a ``.ckpt`` file or a sharded (DeepSpeed / FSDP2) checkpoint directory. ``ema``: ``None`` = the
+    EMA weights when the checkpoint has them, ``True`` = require them, ``False`` = the raw weights.
+    """
+    if path.is_dir():
+        from vgen.checkpoint.export import load_unet_weights
+
+        try:
+            weights, meta = load_unet_weights(path, ema=ema is not False)
+            used = ema is not False
+        except KeyError:
+            if ema:
+                raise ConfigError(f"{key}: stage.teacher.ema is true but the checkpoint has no EMA weights") from None
+            weights, meta = load_unet_weights(path, ema=False)
+            used = False
+        return weights, meta.get("vgen_config"), used
+    ckpt = load_training_checkpoint(path)
+    if ema and "ema" not in ckpt:
+        raise ConfigError(f"{key}: stage.teacher.ema is true but the checkpoint has no EMA weights")
+    used = "ema" in ckpt if ema is None else bool(ema)
+    return unet_weights(ckpt, ema=used), ckpt.get("vgen_config"), used
 
 
 class _LCMSampling:
