@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from vgen.callbacks.preemption import preempted
 from vgen.media import to_uint8_frames, write_mp4
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class SampleVideos(L.Callback):
             self._sample(trainer, pl_module, step)
 
     def on_train_end(self, trainer, pl_module):
+        if preempted(trainer):  # SLURM is stopping the job: no sampling after the preemption checkpoint
+            return
         if trainer.global_step != self._last_step:
             self._sample(trainer, pl_module, trainer.global_step)
 
