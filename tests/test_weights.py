@@ -19,8 +19,9 @@ from vgen.checkpoint.original import (
 from vgen.compat.vgen import build_unet
 from vgen.models import UNet3D
 
-TINY = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1,
-        "attention_scales": (1.0,), "head_dim": 16, "init_temporal_heads": 8, "context_dim": 64,
+# Three levels (attention on the first two), two ResBlocks each: every block type and position of the mapping.
+TINY = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 2,
+        "attention_scales": (1.0, 0.5), "head_dim": 16, "init_temporal_heads": 8, "context_dim": 64,
         "decoder_context_dim": 64}
 I2V = {"first_frame_condition": True, "fps_condition": True, "image_tokens": 4, "image_dim": 64}
 
@@ -119,15 +120,16 @@ def test_sd21_init_with_bypassed_temporal_layers_is_the_sd_unet_on_images():
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     source = random_unet(0, dropout=0.0)
-    sd = UNet2DConditionModel(sample_size=16, cross_attention_dim=64, attention_head_dim=[2, 4], use_linear_projection=True,
-                              block_out_channels=(32, 64), layers_per_block=1,
-                              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    sd = UNet2DConditionModel(sample_size=16, cross_attention_dim=64, attention_head_dim=[2, 4, 4],
+                              use_linear_projection=True, block_out_channels=(32, 64, 64), layers_per_block=2,
+                              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
     ldm = to_sd21_state_dict(source)
     sd.load_state_dict(convert_ldm_unet_checkpoint(ldm, dict(sd.config)), strict=True)
     video = random_unet(1, concat_channels=8)  # TF-T2V layout: SD's 4 input channels + 8 more
-    temporal_before = {n: p.clone() for n, p in video.named_parameters() if n not in sd21_key_map(video)}
-    assert load_sd21_spatial(video, ldm) == len(ldm) == 208  # 686 at full size
+    sd_derived = sd21_key_map(video)
+    temporal_before = {n: p.clone() for n, p in video.named_parameters() if n not in sd_derived}
+    assert load_sd21_spatial(video, ldm) == len(ldm) == len(sd.state_dict())  # 686 at full size
     assert torch.equal(video.input_blocks[0][0].weight[:, 4:], torch.zeros(32, 8, 3, 3))
     assert all(torch.equal(p, temporal_before[n]) for n, p in video.named_parameters() if n in temporal_before)
     video.set_temporal_bypass(True)
@@ -180,6 +182,15 @@ def test_diffusers_i2vgen_xl_computes_what_ours_does():
                      image_embeddings=inputs["image"]).sample
     assert ours.abs().mean() > 0.1
     torch.testing.assert_close(out, ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("experiment", ["i2vgen_stage2", "t2v_stage2"])
+def test_full_size_networks_map_onto_diffusers_strictly(experiment):
+    from test_recipes import full_size_unet
+
+    model = full_size_unet(experiment)
+    theirs = to_diffusers(model)  # meta device: names and shapes only, every key checked both ways
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in model.parameters())
 
 
 def test_diffusers_t2v_computes_what_ours_does():
