@@ -261,6 +261,25 @@ def test_teacher_ema_weights_and_bad_teachers_fail_naming_the_key(text_encoder, 
         make_stage(text_encoder, tmp_path / "t.ckpt", loss="l1")
 
 
+def test_released_vgen_weights_as_teacher(text_encoder, tmp_path):
+    """A VGen release (.pth in the original key names, no run config) loads strictly into model.unet's architecture."""
+    from vgen.checkpoint.original import to_vgen_state_dict
+    from vgen.config import ConfigError
+
+    teacher_unet = tiny_unet(0)
+    release = tmp_path / "release.pth"
+    torch.save(to_vgen_state_dict(teacher_unet), release)
+    stage = make_stage(text_encoder, release)
+    stage.setup("fit")
+    assert all(torch.equal(v, teacher_unet.state_dict()[k]) for k, v in stage.teacher.state_dict().items())
+    assert all(torch.equal(v, teacher_unet.state_dict()[k]) for k, v in stage.unet.state_dict().items())
+    broken = to_vgen_state_dict(teacher_unet)
+    broken.pop(next(iter(broken)))
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ConfigError, match=r"stage.teacher.checkpoint=.*broken.pth: .*missing"):
+        make_stage(text_encoder, tmp_path / "broken.pth").setup("fit")
+
+
 def test_lcm_generate_is_deterministic_and_refuses_guidance(text_encoder, tmp_path):
     stage = make_stage(text_encoder, teacher_checkpoint(tmp_path / "t.ckpt", tiny_unet(0)))
     kwargs = {"num_frames": 2, "height": 8, "width": 8, "seed": 3}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,11 @@ class ConsistencyDistillStage(DiffusionStage):
     """Consistency distillation of a frozen teacher into the trainable ``unet`` (the student).
 
     Args (beyond :class:`DiffusionStage`):
-        teacher: ``checkpoint`` (a vgen training ``.ckpt``; the teacher UNet is built from its stored run config;
-            ``None`` = a frozen copy of the student's initial weights, for smoke tests), ``ema`` (``None``: the
-            checkpoint's EMA weights when it has them; ``True``: require them; ``False``: the raw weights).
+        teacher: ``checkpoint`` -- a vgen training checkpoint (``.ckpt`` file or sharded directory; the teacher
+            UNet is built from its stored run config, which must match the run's model and diffusion), or released
+            weights (a VGen ``.pth``, safetensors, a diffusers folder; loaded strictly into model.unet's
+            architecture), or ``None`` = a frozen copy of the student's initial weights (smoke tests); ``ema``
+            for vgen checkpoints (``None``: the EMA weights when present; ``True``: require them; ``False``: raw).
         distill: ``solver_steps`` (N, skip k = T/N), ``guidance`` (w; teacher CFG scale 1 + w), ``target_decay``,
             ``loss`` (huber | l2), ``huber_c``, ``sigma_data``, ``timestep_scaling``, ``sample_steps`` (LCM
             steps of validation videos and ``vgen.sample``), ``batch_cfg`` (teacher cond + uncond in one call).
@@ -151,6 +154,8 @@ class ConsistencyDistillStage(DiffusionStage):
         key = f"stage.teacher.checkpoint={path}"
         if not Path(path).exists():
             raise ConfigError(f"{key}: no such file (point it at the stage-2/3 teacher's .ckpt)")
+        if not is_vgen_checkpoint(Path(path)):
+            return self._load_released_teacher(Path(path), key)
         weights, run_config, used_ema = read_teacher_checkpoint(Path(path), self.teacher_cfg["ema"], key)
         if not isinstance(run_config, dict) or "unet" not in run_config.get("model", {}):
             raise ConfigError(f"{key}: the checkpoint has no vgen_config with model.unet (not written by vgen.train)")
@@ -160,6 +165,20 @@ class ConsistencyDistillStage(DiffusionStage):
         self._check_diffusion(instantiate(run_config["diffusion"]), key)
         teacher.load_state_dict(weights, strict=True)
         log.info("teacher: %s (%s weights)", path, "EMA" if used_ema else "raw")
+        return teacher
+
+    def _load_released_teacher(self, path: Path, key: str) -> nn.Module:
+        """Released weights (a VGen ``.pth``, safetensors, a diffusers folder): model.unet's architecture, strictly."""
+        from vgen.checkpoint.original import init_unet
+
+        teacher = copy.deepcopy(self.unet)
+        try:
+            fmt = init_unet(teacher, path, "auto")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{key}: {str(err).strip().splitlines()[0]}") from err
+        if fmt == "sd21":
+            raise ConfigError(f"{key} is a Stable Diffusion 2.1 checkpoint (spatial layers only), not a video teacher")
+        log.info("teacher: %s (released weights, format %s, architecture of model.unet)", path, fmt)
         return teacher
 
     def _check_architecture(self, teacher: nn.Module, key: str) -> None:
@@ -189,8 +208,7 @@ class ConsistencyDistillStage(DiffusionStage):
         """The frozen encoders must be the teacher's (same class and settings; the weights path may differ)."""
         if self._teacher_run_config is None or self.run_config is None:
             return
-        uses_image = self.image_conditioned or bool(getattr(self.unet.config, "image_tokens", 0))
-        for name in ("vae", "text_encoder", "image_encoder") if uses_image else ("vae", "text_encoder"):
+        for name in ("vae", "text_encoder", "image_encoder") if self.image_conditioned else ("vae", "text_encoder"):
             mine = self.run_config.get("model", {}).get(name) or {}
             theirs = self._teacher_run_config.get("model", {}).get(name) or {}
             differ = sorted(k for k in set(mine) | set(theirs)
@@ -290,6 +308,17 @@ class ConsistencyDistillStage(DiffusionStage):
             return super().generate(prompts, steps=lcm.ddim_steps, guidance=1.0, seed=seed, **kwargs)
         finally:
             self.diffusion = teacher_sampling
+
+
+def is_vgen_checkpoint(path: Path) -> bool:
+    """A vgen training checkpoint: a file holding ``vgen_config``, or a sharded directory with vgen's marker."""
+    if path.is_dir():
+        from vgen.training.checkpointing import MARKER
+
+        return (path / MARKER).is_file()
+    if path.suffix == ".safetensors" or not zipfile.is_zipfile(path):
+        return False
+    return "vgen_config" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def read_teacher_checkpoint(path: Path, ema: bool | None, key: str) -> tuple[dict[str, torch.Tensor], dict, bool]:
