@@ -223,14 +223,21 @@ def test_one_stage_step_keeps_the_teacher_and_moves_the_target_by_ema(text_encod
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert all(p.grad is None for p in stage.teacher.parameters())
-    optimizer.step()
-    stage.update_target()
+    stage.optimizer_step(0, 0, optimizer, lambda: None)  # the optimizer step, then the target update
 
     student = dict(stage.unet.named_parameters())
     assert any(not torch.equal(student[k], teacher_weights[k]) for k in student), "the student must have moved"
     assert all(torch.equal(v, teacher_weights[k]) for k, v in stage.teacher.state_dict().items())
     for name, param in stage.target.named_parameters():
         torch.testing.assert_close(param, 0.95 * target_before[name] + 0.05 * student[name], rtol=0, atol=1e-7)
+    # a step the non-finite guard skips leaves the target where it was
+    target_now = {k: v.clone() for k, v in stage.target.named_parameters()}
+
+    def nonfinite_step():
+        stage.nonfinite_steps += 1
+
+    stage.optimizer_step(0, 1, optimizer, nonfinite_step)
+    assert all(torch.equal(v, target_now[k]) for k, v in stage.target.named_parameters())
     # checkpoints hold the student (state_dict, EMA) and the target network, never the teacher
     ckpt = {"state_dict": stage.state_dict()}
     stage.on_save_checkpoint(ckpt)

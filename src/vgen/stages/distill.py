@@ -99,6 +99,7 @@ class ConsistencyDistillStage(DiffusionStage):
         self._networks: dict[str, nn.Module | None] = {"teacher": None, "target": None}
         self._teacher_run_config: dict | None = None
         self._pending_target: dict[str, torch.Tensor] | None = None
+        self._nonfinite_seen = 0  # the base's count of skipped (non-finite) steps at the last optimizer step
 
     # ------------------------------------------------------------------ teacher and target networks
     @property
@@ -240,6 +241,7 @@ class ConsistencyDistillStage(DiffusionStage):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        self._nonfinite_seen = getattr(self, "nonfinite_steps", 0)
         if "lcm_target" not in checkpoint:
             raise KeyError("checkpoint has no lcm_target (the consistency target network): resume a distillation "
                            "run from its own checkpoints; the teacher goes in stage.teacher.checkpoint")
@@ -283,10 +285,14 @@ class ConsistencyDistillStage(DiffusionStage):
                 "noise": torch.cat(noises).to(device=latents.device, dtype=latents.dtype)}
 
     def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step (and the base's EMA), then the target update, before any callback checkpoints."""
-        skipped_before = getattr(self, "nonfinite_steps", 0)
+        """The optimizer step (and the base's EMA), then the target update, before any callback checkpoints.
+
+        A step the base's non-finite guard dropped (any micro-batch since the last step) moves no target either.
+        """
         super().optimizer_step(*args, **kwargs)
-        if getattr(self, "nonfinite_steps", 0) == skipped_before:  # not a step the non-finite guard skipped
+        skipped = getattr(self, "nonfinite_steps", 0) != self._nonfinite_seen
+        self._nonfinite_seen = getattr(self, "nonfinite_steps", 0)
+        if not skipped:
             self.update_target()
 
     # ------------------------------------------------------------------ sampling
