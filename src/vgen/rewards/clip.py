@@ -51,6 +51,9 @@ class CLIPScore(RewardModel):
         super().__init__()
         config = clip_config(arch)
         self.clip = _with_causal_mask(build_clip(config, weights))
+        for unused in ("logit_scale", "logit_bias"):  # scores are plain cosines; DeepSpeed cannot broadcast 0-d params
+            if isinstance(getattr(self.clip, unused, None), torch.nn.Parameter):
+                delattr(self.clip, unused)
         size = config["vision_cfg"]["image_size"]
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         self.tokenizer = SimpleTokenizer(context_length=self.clip.context_length)
