@@ -1,6 +1,9 @@
 """Export model (or EMA) weights from a vgen training checkpoint to a single safetensors file.
 
     python -m vgen.checkpoint export <ckpt> <out.safetensors> [--ema] [--original-keys]
+
+``<ckpt>`` is a ``.ckpt`` file (single process, DDP) or a sharded checkpoint directory (DeepSpeed ZeRO-2/3,
+FSDP2), which is consolidated in this one process whatever world size wrote it.
 """
 
 from __future__ import annotations
@@ -34,9 +37,23 @@ def unet_weights(ckpt: dict, ema: bool = False) -> dict[str, torch.Tensor]:
     return weights
 
 
+def load_unet_weights(ckpt_path: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """UNet weights (EMA weights with ``ema=True``) and the checkpoint's metadata, from a file or a sharded dir."""
+    path = Path(ckpt_path)
+    if not path.is_dir():
+        ckpt = load_training_checkpoint(path)
+        return unet_weights(ckpt, ema), ckpt
+    from vgen.checkpoint.sharded import consolidate
+
+    weights, meta = consolidate(path)
+    if ema:
+        shadow, _ = consolidate(path, ema=True)
+        weights = {k: shadow[k].to(v.dtype) if k in shadow else v for k, v in weights.items()}
+    return weights, meta
+
+
 def export(ckpt_path: str | Path, out_path: str | Path, ema: bool = False, original_keys: bool = False) -> Path:
-    ckpt = load_training_checkpoint(ckpt_path)
-    weights = unet_weights(ckpt, ema)
+    weights, ckpt = load_unet_weights(ckpt_path, ema)
     if original_keys:
         weights = {to_original_key(k): v for k, v in weights.items()}
     metadata = {"format": "vgen-unet", "weights": "ema" if ema else "model", "global_step": str(ckpt.get("global_step")),
@@ -56,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vgen.checkpoint", description="vgen checkpoint tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help="write model (or EMA) weights to one safetensors file")
-    p.add_argument("checkpoint", help="training checkpoint (.ckpt)")
+    p.add_argument("checkpoint", help="training checkpoint (.ckpt file, or a DeepSpeed/FSDP2 checkpoint directory)")
     p.add_argument("out", help="output .safetensors file")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw model")
     p.add_argument("--original-keys", action="store_true", help="use the original VGen key names")
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.out, ema=args.ema, original_keys=args.original_keys)
-    except (FileNotFoundError, KeyError) as err:
+    except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"vgen.checkpoint: error: {err}", file=sys.stderr)
         return 2
     print(path)

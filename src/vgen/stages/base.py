@@ -1,6 +1,8 @@
 """What every VGen training stage shares: frozen encoders, latent encoding, conditioning with classifier-free
-dropout, the diffusion loss, EMA, the optimizer/LR schedule, SD-2.1 spatial gradient scaling, logging, and
-sampling. Stages subclass :class:`DiffusionStage` and override only what their algorithm changes."""
+dropout, the diffusion loss, EMA (sharded like the model), the optimizer/LR schedule, SD-2.1 spatial gradient
+scaling, the non-finite-loss guard, per-rank RNG state in checkpoints, parallelism hooks (FSDP2 sharding,
+``torch.compile``), logging, and sampling. Stages subclass :class:`DiffusionStage` and override only what their
+algorithm changes."""
 
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ import torch
 from torch import nn
 
 from vgen.diffusion import Diffusion
+from vgen.diffusion.loss import training_noise
+from vgen.training import rng
 from vgen.training.ema import EMA
 from vgen.training.optim import build_optimizer, warmup_decay_lambda
+from vgen.training.parallelize import compile_blocks, is_sharded, shard_unet
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,14 @@ class DiffusionStage(L.LightningModule):
         ema: ``enabled, decay, start_step``.
         conditioning: ``negative_prompt, p_zero`` (text -> negative prompt), ``p_image_zero`` (CLIP image ->
             zeros), ``spatial_grad_scale`` (gradient scale on the SD-2.1 spatial parameters).
+        gradient_checkpointing: recompute each UNet block in backward (activation memory for compute).
+        compile: ``torch.compile`` each UNet block (GPU runs; off by default and on CPU).
+        max_nonfinite_steps: a step whose loss is NaN/Inf on any rank is skipped on every rank and counted;
+            this many in a row stop training with an error naming the step.
+
+    Batches may carry ``noise_seed`` ([B] int64): each sample's timestep and noise are then drawn from its own
+    seed instead of the global generator, which makes the trajectory independent of the world size (the
+    synthetic data of ``vgen.training.synthetic`` does this).
     """
 
     def __init__(
@@ -51,6 +64,8 @@ class DiffusionStage(L.LightningModule):
         ema: dict | None = None,
         conditioning: dict | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
+        max_nonfinite_steps: int = 3,
     ):
         super().__init__()
         self.unet = unet
@@ -75,8 +90,16 @@ class DiffusionStage(L.LightningModule):
         if gradient_checkpointing:
             unet.set_gradient_checkpointing(True)
         self._spatial = set(unet.spatial_parameter_names()) if cond["spatial_grad_scale"] != 1.0 else set()
+        self._grad_scale_hooks: list = []
         self._negative: torch.Tensor | None = None
-        self._last_ema_step = -1
+        self.compile = compile
+        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
+            raise ValueError(f"stage.max_nonfinite_steps must be an integer >= 1, got {max_nonfinite_steps!r}")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0  # skipped steps so far (saved in checkpoints)
+        self._nonfinite_in_a_row = 0
+        self._skip_step = False  # set by a non-finite loss, cleared after the optimizer step
+        self._rng_to_restore: dict | None = None
         self.run_config: dict | None = None  # resolved Hydra config, stored in checkpoints for vgen.sample
 
     @staticmethod
@@ -105,16 +128,68 @@ class DiffusionStage(L.LightningModule):
                                          assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds the EMA (in the model's sharding), every rank's RNG state, and the non-finite step count.
+
+        Runs on every rank (it gathers the RNG states), before the strategy writes the checkpoint.
+        """
         if self.ema is not None:
+            self.ema.follow(self.unet)
             checkpoint["ema"] = self.ema.state_dict()
         if self.run_config is not None:
             checkpoint["vgen_config"] = self.run_config
+        checkpoint["rng"] = self._gather_rng()
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:
             if "ema" not in checkpoint:
                 raise KeyError("checkpoint has no EMA state but ema.enabled is true")
+            self.ema.follow(self.unet)
             self.ema.load_state_dict(checkpoint["ema"])
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def _gather_rng(self) -> dict[str, torch.Tensor]:
+        state = rng.capture()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return {k: v[None] for k, v in state.items()}
+        device = self.trainer.strategy.root_device
+        gathered = {k: self.trainer.strategy.all_gather(v.to(device)) for k, v in state.items()}
+        return {k: v.cpu() for k, v in gathered.items()}
+
+    def _restore_rng(self) -> None:
+        """Put back this rank's RNG state from the checkpoint, right before the first step after a resume."""
+        saved, self._rng_to_restore = self._rng_to_restore, None
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        saved_world = int(saved["torch"].shape[0])
+        if saved_world != world:
+            log.warning("checkpoint holds RNG states of %d ranks but this run has %d: random streams are not "
+                        "restored, so the resumed run is not bit-exact", saved_world, world)
+            return
+        rng.restore(rng.select_rank(saved, rank))
+
+    # ------------------------------------------------------------------ parallelism (applied from outside the UNet)
+    def configure_model(self) -> None:
+        """FSDP2 sharding under ``ModelParallelStrategy``, ``torch.compile`` when asked; idempotent."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        if self.compile:
+            compile_blocks(self.unet)
+        if isinstance(strategy, ModelParallelStrategy) and not is_sharded(self.unet):
+            shard_unet(self.unet, self.device_mesh["data_parallel"], precision=str(self.trainer.precision),
+                       reshard_after_forward=getattr(strategy, "reshard_after_forward", True))
+
+    def on_fit_start(self) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        # DeepSpeed takes gradients out of ``p.grad`` during backward: scale them as they are produced instead
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy) and self._spatial and not self._grad_scale_hooks:
+            scale = self.conditioning["spatial_grad_scale"]
+            self._grad_scale_hooks = [p.register_hook(lambda g, s=scale: g * s)
+                                      for n, p in self.unet.named_parameters() if n in self._spatial]
 
     # ------------------------------------------------------------------ encoders and conditions
     @torch.no_grad()
@@ -152,31 +227,98 @@ class DiffusionStage(L.LightningModule):
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict) -> torch.Tensor:
         latents = self.encode_video(batch["video"])
-        per_sample = self.diffusion.loss(self.unet, latents, self.training_conditions(batch, latents))
+        per_sample = self.diffusion.loss(self.unet, latents, self.training_conditions(batch, latents),
+                                         **self._seeded_noise(batch, latents))
         return per_sample.mean()
+
+    def _seeded_noise(self, batch: dict, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample timesteps and (offset) noise from ``batch["noise_seed"]``; empty without it."""
+        if "noise_seed" not in batch:
+            return {}
+        steps, noises = [], []
+        for i, seed in enumerate(batch["noise_seed"].tolist()):
+            g = torch.Generator().manual_seed(int(seed))
+            steps.append(torch.randint(0, self.diffusion.param.num_timesteps, (1,), generator=g))
+            noises.append(training_noise(latents[i:i + 1].detach().cpu().float(),
+                                         self.diffusion.offset_noise_strength, generator=g))
+        return {"t": torch.cat(steps).to(latents.device),
+                "noise": torch.cat(noises).to(device=latents.device, dtype=latents.dtype)}
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            self._restore_rng()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        if not self._finite_on_all_ranks(loss):
+            self._skip_nonfinite(loss)
+            return loss  # backward() and the optimizer update are skipped (on every rank)
+        self._nonfinite_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
         return loss
 
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+        """Mark this optimizer step skipped on every rank (no backward, no update, no EMA), count it, and stop
+        after ``max_nonfinite_steps`` in a row."""
+        self._skip_step = True
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        step = self.global_step
+        log.warning("non-finite loss (%s on this rank) at step %d: step skipped (%d in a row, %d in total)",
+                    loss.item(), step, self._nonfinite_in_a_row, self.nonfinite_steps)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"non-finite loss at step {step}: {self._nonfinite_in_a_row} steps in a row "
+                f"(stage.max_nonfinite_steps={self.max_nonfinite_steps}); lower optim.lr, set "
+                "trainer.gradient_clip_val, or resume from an earlier checkpoint")
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if not self._skip_step:
+            return super().backward(loss, *args, **kwargs)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        if scaler is not None:  # fp16: show the loss scaler an overflow, so it skips the update and backs off
+            param = next(p for p in self.unet.parameters() if p.requires_grad)
+            param.grad = torch.full_like(param, float("nan"))
+        return None
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self._skip_step:  # a micro-batch of this step was non-finite: the whole step is dropped
+            for p in self.unet.parameters():
+                p.grad = None
+            return
         scale = self.conditioning["spatial_grad_scale"]
-        if self._spatial and scale != 1.0:
+        if self._spatial and scale != 1.0 and not self._grad_scale_hooks:
             grads = [p.grad for n, p in self.unet.named_parameters() if n in self._spatial and p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, scale)
         grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm)
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None and self.global_step != self._last_ema_step:
-            self._last_ema_step = self.global_step
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the EMA update (before any callback can checkpoint this step)."""
+        engine = self._deepspeed_engine()
+        steps_before = engine.global_steps if engine is not None else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        skipped, self._skip_step = self._skip_step, False
+        stepped = engine is None or engine.global_steps != steps_before
+        if self.ema is not None and stepped and not skipped:
             self.ema.update(self.unet, self.global_step)
+
+    def _deepspeed_engine(self):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return None
+        return self.trainer.strategy.deepspeed_engine
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

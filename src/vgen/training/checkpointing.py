@@ -1,10 +1,18 @@
-"""Checkpoint files: atomic writes, and finding the newest complete checkpoint for ``resume=auto``."""
+"""Checkpoint files: atomic writes, and finding the newest complete checkpoint for ``resume=auto``.
+
+Unsharded runs write one file ``stepNNNNNNN.ckpt``; sharded strategies (DeepSpeed, FSDP2) write a directory of
+that name. Both are written under a ``.tmp`` name and renamed when whole, so a kill during a save leaves the
+previous checkpoint valid; a directory also gets a ``vgen_checkpoint.json`` marker (format, world size, step)
+as the last thing before its rename.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +45,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+MARKER = "vgen_checkpoint.json"
+
+
+def staging_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def commit_directory(staging: Path, path: Path, info: dict[str, Any]) -> None:
+    """Mark a fully written checkpoint directory complete and move it into place (rank 0 only)."""
+    marker = staging / MARKER
+    with open(marker, "w") as f:
+        json.dump(info, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    os.replace(staging, path)
+
+
+def read_marker(path: str | Path) -> dict[str, Any]:
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no {MARKER})")
+    return json.loads(marker.read_text())
+
+
 def checkpoint_step(path: Path) -> int:
     match = _STEP.search(path.stem)
     return int(match.group(1)) if match else -1
 
 
 def is_complete(path: Path) -> bool:
-    """A checkpoint is complete if it loads (weights only) and has the trainer state we resume from."""
+    """A checkpoint is complete if it loads (weights only) and has the trainer state we resume from.
+
+    A sharded checkpoint directory is complete once it has its marker (written after every rank finished).
+    """
+    if path.is_dir():
+        return (path / MARKER).is_file()
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - truncated/corrupt files raise many different errors
@@ -72,6 +114,9 @@ def resolve_resume(resume: str | None, checkpoint_dir: str | Path) -> str | None
                                                                              "starting fresh")
         return str(found) if found else None
     path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={resume}: no such checkpoint file")
+    if not path.exists():
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint file or directory")
+    if path.is_dir() and not is_complete(path):
+        raise FileNotFoundError(f"resume={resume}: incomplete sharded checkpoint (no {MARKER}); "
+                                "use resume=auto to pick the newest complete one")
     return str(path)
