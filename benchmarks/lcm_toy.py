@@ -5,11 +5,14 @@
 3. From the same noise x_T, compare against the teacher's 50-step DDIM samples (CFG 3, the reference):
    the student's LCM samples (no CFG), the teacher's own few-step DDIM samples (CFG 3), and -- as the
    "no distillation" control -- the LCM sampler run with the teacher's weights. MSE in pixel space ([-1, 1]).
+   LCM re-noises between steps: with trajectory noise (eta=0, deterministic in x_T) by default here, since a
+   per-sample distance to the teacher's trajectory is measured; fresh noise (eta=1, diffusers' LCMScheduler)
+   decorrelates the sample from x_T after the first step and is shown for reference.
 
 Steps 1-2 run ``python -m vgen.train`` (each resumes with ``resume=auto`` if interrupted) and are skipped when
 their final checkpoint exists; step 3 prints a markdown table.
 
-    python benchmarks/lcm_toy.py [--teacher-steps 300] [--distill-steps 300] [--seeds 32] [--log-dir outputs]
+    python benchmarks/lcm_toy.py [--teacher-steps 300] [--distill-steps 400] [--solver-steps 10] [--seeds 32]
 """
 
 from __future__ import annotations
@@ -35,13 +38,18 @@ def teacher_command(args) -> list[str]:
             f"trainer.max_steps={args.teacher_steps}", "callbacks.checkpoint.every_n_train_steps=100", "resume=auto"]
 
 
+def student_name(args) -> str:
+    return f"lcm_student_n{args.solver_steps}"
+
+
 def distill_command(args, teacher: Path) -> list[str]:
-    return ["experiment=videolcm_distill", "name=lcm_student", f"paths.log_dir={args.log_dir}",
+    return ["experiment=videolcm_distill", f"name={student_name(args)}", f"paths.log_dir={args.log_dir}",
             "model/unet=demo", "model/vae=identity", "model/text_encoder=tiny", "diffusion=cosine_v_ztsnr",
             "data=demo", "data.resolution=[16,16]", *SMALL, "trainer.accelerator=cpu", "trainer.devices=1",
             "trainer.precision=32-true", f"trainer.max_steps={args.distill_steps}", "trainer.log_every_n_steps=10",
             f"optim.lr={args.distill_lr}", "optim.warmup_steps=10", "stage.conditioning.spatial_grad_scale=1.0",
-            f"stage.distill.guidance={GUIDANCE_W}", f"stage.teacher.checkpoint={teacher}",
+            f"stage.distill.guidance={GUIDANCE_W}", f"stage.distill.solver_steps={args.solver_steps}",
+            f"stage.teacher.checkpoint={teacher}",
             "callbacks.checkpoint.every_n_train_steps=100", "callbacks.sample_videos.height=16",
             "callbacks.sample_videos.width=16", "resume=auto"]
 
@@ -71,11 +79,12 @@ def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int) -> 
         reference = teacher.generate(prompts, steps=50, guidance=1 + GUIDANCE_W, seed=seed, **shape)
         runs = {(f"teacher DDIM-{n}, CFG {1 + GUIDANCE_W:g}", 2 * n): teacher.generate(
             prompts, steps=n, guidance=1 + GUIDANCE_W, seed=seed, **shape) for n in (4, 8)}
-        for n in (1, 2, 4):
-            runs[(f"student LCM-{n}", n)] = student.generate(prompts, sampler="lcm", steps=n, seed=seed, **shape)
-        student.unet.load_state_dict(teacher_weights, strict=True)
-        runs[("teacher weights, LCM-4 (no distillation)", 4)] = student.generate(prompts, sampler="lcm", steps=4,
-                                                                                seed=seed, **shape)
+        for label, weights in (("student", distilled), ("teacher weights (no distillation)", teacher_weights)):
+            student.unet.load_state_dict(weights, strict=True)
+            for n, eta in ((1, 0.0), (2, 0.0), (4, 0.0), (4, 1.0)):
+                if n > 1 or label == "student":
+                    name = f"{label}, LCM-{n}" + (", fresh noise (eta=1)" if eta else "")
+                    runs[(name, n)] = student.generate(prompts, sampler="lcm", steps=n, eta=eta, seed=seed, **shape)
         student.unet.load_state_dict(distilled, strict=True)
         for key, video in runs.items():
             rows.setdefault(key, []).append((video - reference).square().flatten(1).mean(1))
@@ -89,8 +98,9 @@ def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--distill-steps", type=int, default=300)
-    parser.add_argument("--distill-lr", type=float, default=3e-4)
+    parser.add_argument("--distill-steps", type=int, default=400)
+    parser.add_argument("--distill-lr", type=float, default=5e-4)
+    parser.add_argument("--solver-steps", type=int, default=10, help="N of the teacher's DDIM solver (official 50)")
     parser.add_argument("--seeds", type=int, default=32, help="samples (independent x_T) in the comparison")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--log-dir", default="outputs")
@@ -99,7 +109,7 @@ def main() -> None:
     log_dir = Path(args.log_dir)
     teacher = train(teacher_command(args), log_dir / "lcm_teacher" / "checkpoints" /
                     f"step{args.teacher_steps:07d}.ckpt")
-    student = train(distill_command(args, teacher), log_dir / "lcm_student" / "checkpoints" /
+    student = train(distill_command(args, teacher), log_dir / student_name(args) / "checkpoints" /
                     f"step{args.distill_steps:07d}.ckpt")
     print(f"teacher {teacher}\nstudent {student}\nMSE to the teacher's DDIM-50 (CFG {1 + GUIDANCE_W:g}) samples "
           f"from the same x_T, {args.seeds} samples (mean +- standard error):\n")

@@ -164,6 +164,23 @@ def test_lcm_sampler_matches_diffusers_lcm_scheduler():
     torch.testing.assert_close(ours, denoised, rtol=1e-5, atol=1e-5)
 
 
+def test_deterministic_lcm_sampler_follows_the_trajectory():
+    """eta = 0 re-noises with the trajectory's own noise: LCM-2 = one DDIM step 999 -> 499, then f at 499."""
+    param = v_param()
+    text = torch.randn(2, 3, 8, dtype=F64)
+    x_T = torch.randn(2, 3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    a = lcm_sample(toy_model, x_T, param, 2, cond={"text": text}, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = lcm_sample(toy_model, x_T, param, 2, cond={"text": text}, eta=0.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    t, t_next = torch.tensor([999, 999]), torch.tensor([499, 499])
+    x = ddim_solver_step(toy_model, param, x_T, t, t_next, {"text": text})
+    x0, _ = x0_and_eps(param, toy_model(x, t_next, text), x, t_next)
+    c_skip, c_out = boundary_scalings(t_next, x)
+    torch.testing.assert_close(a, c_skip * x + c_out * x0, rtol=0, atol=1e-7)
+    fresh = lcm_sample(toy_model, x_T, param, 2, cond={"text": text}, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(a, fresh)
+
+
 # ---------------------------------------------------------------------------------------------- the stage
 @pytest.fixture(scope="module")
 def text_encoder():

@@ -185,15 +185,21 @@ def lcm_sample(
     original_steps: int = 50,
     sigma_data: float = 0.5,
     timestep_scaling: float = 10.0,
+    eta: float = 1.0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Multistep consistency sampling from pure noise ``x_T`` (no classifier-free guidance).
 
     At each timestep: denoised = f(x, t); then, unless it is the last step, re-noise to the next timestep,
-    x = sqrt(ab_next) denoised + sqrt(1 - ab_next) z with fresh z ~ N(0, I) from ``generator``. Returns the
-    last ``denoised``. ``callback`` gets {"i", "t", "x", "x0"} after every step (``x0`` = denoised).
+    x = sqrt(ab_next) denoised + sqrt(1 - ab_next) n. With ``eta = 1`` (LCM, diffusers' ``LCMScheduler``) n is
+    fresh N(0, I) noise from ``generator``; with ``eta = 0`` it is the noise the trajectory already carries,
+    eps = (x - sqrt(ab_t) denoised) / sqrt(1 - ab_t), which makes the sampler deterministic in x_T (a DDIM step on
+    the consistency function's x0); in between, eta z + sqrt(1 - eta^2) eps. Returns the last ``denoised``.
+    ``callback`` gets {"i", "t", "x", "x0"} after every step (``x0`` = denoised).
     """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     timesteps = lcm_timesteps(param.num_timesteps, steps, original_steps).tolist()
     x = x_T
     denoised = x_T
@@ -201,9 +207,13 @@ def lcm_sample(
         t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
         denoised = consistency_function(model, param, x, t, cond, sigma_data, timestep_scaling)
         if i + 1 < len(timesteps):
-            t_next = torch.full_like(t, timesteps[i + 1])
-            alpha, sigma = param.schedule.scalings(t_next, x)
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = torch.zeros_like(x)
+            if eta > 0:
+                noise = eta * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            if eta < 1:
+                alpha_t, sigma_t = param.schedule.scalings(t, x)
+                noise = noise + (1 - eta**2) ** 0.5 * (x - alpha_t * denoised) / sigma_t
+            alpha, sigma = param.schedule.scalings(torch.full_like(t, timesteps[i + 1]), x)
             x = alpha * denoised + sigma * noise
         else:
             x = denoised

@@ -298,17 +298,17 @@ class ConsistencyDistillStage(DiffusionStage):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, prompts: list[str], *, sampler: str = "lcm", steps: int | None = None,
-                 guidance: float | None = None, seed: int = 0, **kwargs) -> torch.Tensor:
+                 guidance: float | None = None, seed: int = 0, eta: float = 1.0, **kwargs) -> torch.Tensor:
         """Videos [B, 3, F, H, W] in [-1, 1]: multistep LCM without CFG (default; ``steps`` defaults to
-        ``distill.sample_steps``), or ``sampler="ddim"`` for the base's DDIM with CFG. Other arguments as
-        :meth:`DiffusionStage.generate`."""
+        ``distill.sample_steps``; ``eta`` as :func:`vgen.diffusion.lcm_sample`), or ``sampler="ddim"`` for the
+        base's DDIM with CFG. Other arguments as :meth:`DiffusionStage.generate`."""
         if sampler == "ddim":
             return super().generate(prompts, steps=steps, guidance=guidance, seed=seed, **kwargs)
         if sampler != "lcm":
             raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(self.SAMPLERS)}")
         if guidance is not None:
             raise ValueError("guidance applies to sampler=ddim only: the LCM sampler uses no classifier-free guidance")
-        lcm = _LCMSampling(self.diffusion, steps or self.distill_cfg["sample_steps"], self.distill_cfg, seed)
+        lcm = _LCMSampling(self.diffusion, steps or self.distill_cfg["sample_steps"], self.distill_cfg, seed, eta)
         teacher_sampling, self.diffusion = self.diffusion, lcm
         try:  # the base builds the conditions, draws x_T from ``seed`` and decodes; only the sampler differs
             return super().generate(prompts, steps=lcm.ddim_steps, guidance=1.0, seed=seed, **kwargs)
@@ -358,8 +358,9 @@ class _LCMSampling:
     Re-noising draws from its own generator seeded with ``seed + 1_000_003``, so it never repeats x_T's noise.
     """
 
-    def __init__(self, diffusion: Diffusion, steps: int, cfg: dict, seed: int):
+    def __init__(self, diffusion: Diffusion, steps: int, cfg: dict, seed: int, eta: float):
         self.param = diffusion.param
+        self.eta = eta
         self.ddim_steps = steps
         self.guidance_scale = 1.0
         self.cfg = cfg
@@ -369,7 +370,7 @@ class _LCMSampling:
         generator = torch.Generator(device=x_T.device).manual_seed(self.seed)
         return lcm_sample(model, x_T, self.param, steps or self.ddim_steps, cond=cond,
                           original_steps=self.cfg["solver_steps"], sigma_data=self.cfg["sigma_data"],
-                          timestep_scaling=self.cfg["timestep_scaling"], generator=generator)
+                          timestep_scaling=self.cfg["timestep_scaling"], eta=self.eta, generator=generator)
 
 
 @torch.no_grad()
