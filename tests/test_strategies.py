@@ -244,9 +244,10 @@ def test_two_ranks_match_one_process_save_resume_and_export(strategy, reference,
     for step, loss in reference["losses"].items():
         assert losses[step] == pytest.approx(loss, rel=STRATEGY_RTOL), (step, losses, reference["losses"])
     model, ema = read(out / "b-model.safetensors"), read(out / "b-ema.safetensors")
-    # AdamW normalises tiny gradients, so float-order noise reaches ~1e-6 absolute on a few weights (steps ~1e-3)
-    assert_close_dicts(model, reference["model"], 1e-4, 2e-5, "weights vs one process")
-    assert_close_dicts(ema, reference["ema"], 1e-4, 2e-5, "EMA vs one process")
+    # AdamW divides by sqrt(v): on weights with near-zero gradients (the zero-initialised last convs) float-order
+    # noise moves a few entries by up to ~3e-5 in 5 steps of lr 1e-3; 1e-4 is a tenth of one step
+    assert_close_dicts(model, reference["model"], 1e-4, 1e-4, "weights vs one process")
+    assert_close_dicts(ema, reference["ema"], 1e-4, 1e-4, "EMA vs one process")
 
     last = out / "checkpoints" / f"step{2 * N:07d}.ckpt"
     exported = export(last, tmp_path / "model.safetensors", ema=False)

@@ -257,6 +257,11 @@ class DiffusionStage(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
         return loss
 
+    @property
+    def step_skipped(self) -> bool:
+        """True from a non-finite ``training_step`` until its (skipped) optimizer step is over."""
+        return self._skip_step
+
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
