@@ -18,6 +18,7 @@ their final checkpoint exists; step 3 prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -45,6 +46,8 @@ def student_name(args) -> str:
 def distill_command(args, teacher: Path) -> list[str]:
     return ["experiment=videolcm_distill", f"name={student_name(args)}", f"paths.log_dir={args.log_dir}",
             "model/unet=demo", "model/vae=identity", "model/text_encoder=tiny", "diffusion=cosine_v_ztsnr",
+            "~model.vae.weights", "model.text_encoder.weights=null", "model.unet.image_tokens=0",
+            "model.unet.image_token_hidden=0", "model.unet.concat_channels=0",
             "data=demo", "data.resolution=[16,16]", *SMALL, "trainer.accelerator=cpu", "trainer.devices=1",
             "trainer.precision=32-true", f"trainer.max_steps={args.distill_steps}", "trainer.log_every_n_steps=10",
             f"optim.lr={args.distill_lr}", "optim.warmup_steps=10", "stage.conditioning.spatial_grad_scale=1.0",
@@ -60,6 +63,23 @@ def train(overrides: list[str], checkpoint: Path) -> Path:
         env = {**os.environ, "WANDB_MODE": "offline"}
         subprocess.run([sys.executable, "-m", "vgen.train", *overrides], check=True, env=env)
     return checkpoint
+
+
+def ddim_on_lcm_grid(stage, prompts: list[str], steps: int, seed: int, shape: dict) -> torch.Tensor:
+    """The teacher's deterministic DDIM with CFG over the LCM grid (999, 759, 499, 259 -> 0 for 4 steps): the same
+    x_T as ``stage.generate(seed=seed)``, so a few-step baseline without the VGen grid's late start (t=751)."""
+    from vgen.diffusion.lcm import ddim_solver_step, lcm_timesteps
+
+    b, param = len(prompts), stage.diffusion.param
+    generator = torch.Generator(device=stage.device).manual_seed(seed)
+    x = torch.randn((b, stage.vae.latent_channels, shape["num_frames"], shape["height"], shape["width"]),
+                    generator=generator, device=stage.device)
+    cond, uncond = {"text": stage.encode_text(prompts)}, {"text": stage.negative_embedding(b)}
+    grid = [*lcm_timesteps(param.num_timesteps, steps).tolist(), 0]
+    for t, t_next in itertools.pairwise(grid):
+        x = ddim_solver_step(stage.unet, param, x, torch.full((b,), t), torch.full((b,), t_next), cond, uncond,
+                             guidance=GUIDANCE_W)
+    return stage.vae.decode(x).clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -79,6 +99,8 @@ def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int) -> 
         reference = teacher.generate(prompts, steps=50, guidance=1 + GUIDANCE_W, seed=seed, **shape)
         runs = {(f"teacher DDIM-{n}, CFG {1 + GUIDANCE_W:g}", 2 * n): teacher.generate(
             prompts, steps=n, guidance=1 + GUIDANCE_W, seed=seed, **shape) for n in (4, 8)}
+        runs[(f"teacher DDIM-4 on the LCM grid, CFG {1 + GUIDANCE_W:g}", 8)] = ddim_on_lcm_grid(teacher, prompts, 4,
+                                                                                               seed, shape)
         for label, weights in (("student", distilled), ("teacher weights (no distillation)", teacher_weights)):
             student.unet.load_state_dict(weights, strict=True)
             for n, eta in ((1, 0.0), (2, 0.0), (4, 0.0), (4, 1.0)):

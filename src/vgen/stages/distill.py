@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -324,7 +325,11 @@ def is_vgen_checkpoint(path: Path) -> bool:
         return (path / MARKER).is_file()
     if path.suffix == ".safetensors" or not zipfile.is_zipfile(path):
         return False
-    return "vgen_config" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # not a weights-only file: the release loader reports it
+        return False
+    return isinstance(content, dict) and "vgen_config" in content
 
 
 def read_teacher_checkpoint(path: Path, ema: bool | None, key: str) -> tuple[dict[str, torch.Tensor], dict, bool]:
