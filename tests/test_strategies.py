@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -46,7 +47,7 @@ class Recorder(L.Callback):
                  nan_rank: int = 0, hang_step: int | None = None, die_step: int | None = None, die_rank: int = 1,
                  dump: bool = True):
         self.out, self.tag = Path(out_dir), tag
-        self.nan_steps = set(nan_step) if isinstance(nan_step, (list, tuple)) else {nan_step}
+        self.nan_steps = set(nan_step) if isinstance(nan_step, Sequence) else {nan_step}
         self.no_dropout, self.nan_rank = no_dropout, nan_rank
         self.hang_step, self.die_step, self.die_rank, self.dump = hang_step, die_step, die_rank, dump
         self.losses: dict[int, float] = {}

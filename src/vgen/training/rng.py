@@ -7,7 +7,6 @@ restoring them is what makes a resumed run continue bit for bit.
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
@@ -21,7 +20,7 @@ def capture() -> dict[str, torch.Tensor]:
         raise RuntimeError(f"unexpected RNG kinds: python v{version}, numpy {np_name}")
     state = {
         "python": torch.tensor(mt, dtype=torch.int64),
-        "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),  # [cached?, value]
         "numpy": torch.tensor([*np_keys.tolist(), np_pos, np_has_gauss], dtype=torch.int64),
         "numpy_gauss": torch.tensor([np_gauss], dtype=torch.float64),
         "torch": torch.get_rng_state(),
@@ -32,8 +31,8 @@ def capture() -> dict[str, torch.Tensor]:
 
 
 def restore(state: dict[str, torch.Tensor]) -> None:
-    gauss = float(state["python_gauss"][0])
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None if math.isnan(gauss) else gauss))
+    has_gauss, gauss = state["python_gauss"].tolist()
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), gauss if has_gauss else None))
     values = state["numpy"].tolist()
     np.random.set_state(("MT19937", np.array(values[:624], dtype=np.uint32), int(values[624]), int(values[625]),
                          float(state["numpy_gauss"][0])))
