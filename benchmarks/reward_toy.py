@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="reward fine-tuning steps")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW LR of the adapters")
     parser.add_argument("--batch-size", type=int, default=4, help="clips per step")
+    parser.add_argument("--grad-steps", type=int, default=1, help="K: backpropagate through the last K DDIM steps")
     parser.add_argument("--kl-weight", type=float, default=0.0, help="regulariser towards the base prediction")
     parser.add_argument("--seeds", type=int, default=2, help="noise seeds per evaluation prompt")
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the evaluation videos")
@@ -86,7 +87,7 @@ def main() -> int:
         instantiate(cfg["model"]["unet"]), instantiate(cfg["diffusion"]), instantiate(cfg["model"]["vae"]),
         instantiate(cfg["model"]["text_encoder"]), ColorReward([1.0, 0.0, 0.0]),
         init={"path": args.checkpoint, "format": "vgen_ckpt"},  # the base: the demo's EMA weights
-        tuning={"tau": 0.6, "ddim_steps": 20, "guidance": cfg["diffusion"]["guidance_scale"], "grad_steps": 1,
+        tuning={"tau": 0.6, "ddim_steps": 20, "guidance": cfg["diffusion"]["guidance_scale"], "grad_steps": args.grad_steps,
                 "segments": 4, "lambda_tar": 1.0, "kl_weight": args.kl_weight},
         optim={"lr": args.lr, "warmup_steps": 0, "weight_decay": 0.0},
         conditioning={"negative_prompt": cfg["stage"]["conditioning"]["negative_prompt"]},  # the base's uncond
@@ -96,7 +97,7 @@ def main() -> int:
     train_combos = random.Random(0).sample(TRAINING_COMBOS, len(HELD_OUT))
     trainable = sum(p.numel() for p in stage.unet.parameters() if p.requires_grad)
     print(f"base {args.checkpoint}: {frames} frames {size}x{size}; LoRA rank 4, {trainable} trainable parameters; "
-          f"{args.steps} steps, lr {args.lr}, batch {args.batch_size}, kl_weight {args.kl_weight}")
+          f"{args.steps} steps, lr {args.lr}, batch {args.batch_size}, K {args.grad_steps}, kl_weight {args.kl_weight}")
 
     datamodule = instantiate(data_cfg)
     datamodule.setup("fit")

@@ -139,7 +139,10 @@ class RewardFinetuneStage(DiffusionStage):
             init_unet(unet, path, fmt)
         cfg = self.lora_cfg
         targets = [cfg["targets"]] if isinstance(cfg["targets"], str) else list(cfg["targets"])
-        apply_lora(unet, cfg["rank"], cfg["alpha"], targets)
+        try:
+            apply_lora(unet, cfg["rank"], cfg["alpha"], targets)
+        except ValueError as err:
+            raise ValueError(f"stage.lora: {err}") from None
         if with_adapters:
             init_unet(unet, path, fmt)
         if cfg["weights"] is not None:
