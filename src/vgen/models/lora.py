@@ -68,9 +68,8 @@ class LoRALinear(nn.Linear):
         module.in_features, module.out_features = linear.in_features, linear.out_features
         module.weight = linear.weight
         module.bias = linear.bias
-        module.train(linear.training)
         module._add_adapter(rank, alpha)
-        return module
+        return module.train(linear.training)
 
     def reset_lora_parameters(self) -> None:
         nn.init.normal_(self.lora_down.weight, std=1.0 / self.rank)
@@ -169,7 +168,10 @@ def mark_only_lora_trainable(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------------------- merge / switch
 def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (W += scale * up @ down); forward then skips the adapters."""
+    """Fold every adapter into its base weight (W += scale * up @ down); forward then skips the adapters.
+
+    For inference on unsharded weights (a sharded FSDP2/ZeRO-3 model must be gathered first).
+    """
     for module in lora_modules(model).values():
         module.merge()
 
