@@ -265,6 +265,17 @@ def test_stage_trains_only_lora_and_a_gradient_step_raises_the_reward():
     assert end < start and rewards[-1] > reward_before, (reward_before, rewards[-1])
 
 
+def test_stage_builds_a_graph_for_the_last_k_unet_calls_only():
+    stage = make_stage(tuning={"tau": 0.3, "grad_steps": 1, "checkpointing": False})  # chain 201, 101, 1
+    calls = []
+    stage.unet.register_forward_hook(lambda module, args, out: calls.append((int(args[1][0]), out.requires_grad)))
+    stage.log = lambda *a, **k: None
+    stage.compute_loss(batch(0)).backward()
+    assert calls == [(201, False), (201, False), (101, False), (101, False), (1, True), (1, True)]  # cond, uncond
+    lora_grads = [p.grad for n, p in stage.unet.named_parameters() if "lora_up" in n]
+    assert all(g is not None for g in lora_grads) and sum(g.abs().sum() for g in lora_grads) > 0
+
+
 def test_stage_checkpoint_round_trip_and_bad_options():
     stage, other = make_stage(), make_stage()
     with torch.no_grad():
