@@ -65,7 +65,8 @@ def sample_motion(direction: str, frames: int, size: int, rng: np.random.Generat
     low, high = EXTENT * radius, size - EXTENT * radius
     travel = min(rng.uniform(*TRAVEL_RANGE) * size, high - low) if frames > 1 else 0.0
     dx, dy = DIRECTIONS[direction]
-    along_start = rng.uniform(low, high - travel) if dx + dy > 0 else rng.uniform(low + travel, high)
+    slack = max(high - low - travel, 0.0)  # travel may use the whole span (then the start is fixed)
+    along_start = (low if dx + dy > 0 else low + travel) + rng.uniform(0.0, slack)
     across = rng.uniform(low, high)
     start = (along_start, across) if dx else (across, along_start)
     return Motion(start=start, speed=travel / max(frames - 1, 1), radius=radius)
