@@ -1,6 +1,7 @@
 """Memory of the distribution strategies and of activation checkpointing, measured, and vgen.plan's predictions.
 
     .venv/bin/python benchmarks/memory.py [--precision 32-true] [--steps 2] [--channels 128] [--frames 8] [--size 32]
+        [--skip-strategies] [--skip-activations]
 
 1. Per-rank parameter + optimizer bytes after a few training steps of the tiny UNet on 2 CPU ranks (gloo) for
    ddp, deepspeed_zero2, deepspeed_zero3 and fsdp2: counted from the live tensors (local parameter shards,
@@ -50,6 +51,9 @@ def state_bytes(trainer, stage) -> dict:
     seen, optim = set(), 0
     tensors = [t for s in base.state.values() for t in s.values() if torch.is_tensor(t)]
     tensors += [p for g in base.param_groups for p in g["params"]]
+    # fp32 master shards: ZeRO-3 hands them to AdamW only for the duration of its step
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        tensors += [t for t in getattr(optimizer, name, []) if torch.is_tensor(t)]
     for t in (local_tensor(t) for t in tensors):
         ptr = t.untyped_storage().data_ptr()
         if ptr in param_ptrs or ptr in seen or t.numel() <= 1:
@@ -170,9 +174,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--skip-strategies", action="store_true")
+    parser.add_argument("--skip-activations", action="store_true")
     parser.add_argument("--strategy-worker")
     parser.add_argument("--activation-worker")
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # Lightning appends hydra.* overrides when it starts rank 1
     if args.strategy_worker:
         return strategy_worker(json.loads(args.strategy_worker))
     if args.activation_worker:
@@ -191,6 +196,8 @@ def main() -> None:
                   f"{r['measured'] / mib:.2f} | {r['measured'] / ddp:.2f} | {r['predicted'] / mib:.2f} | "
                   f"{r['measured'] / r['predicted']:.3f} |")
         print()
+    if args.skip_activations:
+        return None
     act = measure_activations(args.channels, args.frames, args.size)
     print(f"## activation memory, one clip, t2v UNet at width {args.channels}, latent {args.frames}x{args.size}x"
           f"{args.size}, fp32\n")
