@@ -100,6 +100,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -114,10 +115,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         model_state = {"state_dict": get_model_state_dict(module)}
         dcp.load(model_state, storage_reader=SafeFileSystemReader(path))
         module.load_state_dict(model_state["state_dict"], strict=True)
+        saved = set(SafeFileSystemReader(path).read_metadata().state_dict_metadata)
         for i, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{i}"
             optim_state = {key: get_optimizer_state_dict(module, optimizer)}
-            dcp.load(optim_state, storage_reader=SafeFileSystemReader(path))
+            # parameters that never had a gradient had no AdamW state when saved: load the others, leave them bare
+            never_stepped = [fqn for fqn in optim_state[key]["state"]
+                             if not any(k.startswith(f"{key}.state.{fqn}.") for k in saved)]
+            dcp.load(optim_state, storage_reader=SafeFileSystemReader(path),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+            for fqn in never_stepped:
+                del optim_state[key]["state"][fqn]
             set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
                                      options=StateDictOptions(cpu_offload=True))
         meta = torch.load(path / META, map_location="cpu", weights_only=True)
