@@ -126,8 +126,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                      planner=DefaultLoadPlanner(allow_partial_load=True))
             for fqn in never_stepped:
                 del optim_state[key]["state"][fqn]
+            # strict=False admits exactly those (listed above); every other entry was read from the checkpoint
             set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
-                                     options=StateDictOptions(cpu_offload=True))
+                                     options=StateDictOptions(cpu_offload=True, strict=not never_stepped))
         meta = torch.load(path / META, map_location="cpu", weights_only=True)
         ema = meta.get("ema")
         stage_ema = getattr(self.lightning_module, "ema", None)
