@@ -187,7 +187,8 @@ def test_filter_drops_by_each_bound_and_reads_video2dataset_and_img2dataset_shar
     assert stats["dropped"] == {"max_aspect": 1, "min_motion": 1, "min_duration": 1, "unsafe_member": 1}
 
 
-def test_raw_videos_to_shards_to_filter_to_two_training_steps(shards, tmp_path):
+def train_two_steps(tmp_path: Path, overrides: list[str]):
+    """``vgen.train`` of the tiny demo experiment for 2 steps on the given data overrides; returns the trainer."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -196,14 +197,9 @@ def test_raw_videos_to_shards_to_filter_to_two_training_steps(shards, tmp_path):
     from conftest import CONF_DIR
     from vgen.train import train
 
-    filtered = tmp_path / "filtered"
-    run_tool("filter", "--input", str(shards), "--out", str(filtered), "--min-duration", "0.9",
-             "--min-short-side", "32")
-    assert json.loads((filtered / "filter_stats.json").read_text())["kept"] == 9  # the still has no duration
-    urls = ",".join(f"'{p}'" for p in sorted(filtered.glob("*.tar")))
     overrides = ["experiment=demo", "debug=tiny", f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}",
-                 f"data.sources.0.urls=[{urls}]", "data.sources.1.weight=0", "data.num_frames=4",
-                 "data.sample_fps=8", "data.resolution=[16,16]", "trainer.max_steps=2"]
+                 "data.sources.1.weight=0", "data.num_frames=4", "data.sample_fps=8", "data.resolution=[16,16]",
+                 "trainer.max_steps=2", *overrides]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
@@ -214,17 +210,37 @@ def test_raw_videos_to_shards_to_filter_to_two_training_steps(shards, tmp_path):
     trainer = train(cfg)
     assert trainer.global_step == 2
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt")] == ["step0000002.ckpt"]
+    return trainer
 
 
-def test_encoded_latent_shards_train_through_the_same_loader(shards, tmp_path):
+def test_raw_videos_to_shards_to_filter_to_two_training_steps(shards, tmp_path):
+    filtered = tmp_path / "filtered"
+    run_tool("filter", "--input", str(shards), "--out", str(filtered), "--min-duration", "0.9",
+             "--min-short-side", "32")
+    assert json.loads((filtered / "filter_stats.json").read_text())["kept"] == 9  # the still has no duration
+    urls = ",".join(f"'{p}'" for p in sorted(filtered.glob("*.tar")))
+    train_two_steps(tmp_path, [f"data.sources.0.urls=[{urls}]"])
+
+
+# the tiny encoders of debug=tiny, at its clip shape (4 frames of 16 x 16 at 8 fps)
+ENCODE = ["--vae", "tiny", "--text-encoder", "tiny", "--frames", "4", "--fps", "8", "--width", "16", "--height", "16",
+          "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def latent_shards(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents")
+    run_tool("encode", "--input", *(str(p) for p in sorted(shards.glob("*.tar"))), "--out", str(out), *ENCODE)
+    return out
+
+
+def test_encoded_latent_shards_train_through_the_same_loader(shards, latent_shards):
     from vgen.data import Bucket, SampleDecoder, VideoDataModule
     from vgen.data.shardio import shard_samples
 
-    out = tmp_path / "latents"
-    run_tool("encode", "--input", str(shards / "clips-000001.tar"), "--out", str(out), "--vae", "tiny",
-             "--text-encoder", "tiny", "--frames", "4", "--fps", "8", "--width", "16", "--height", "16",
-             "--batch-size", "2", "--device", "cpu")
-    assert json.loads((out / "encode_stats.json").read_text())["encoded"] == 4  # v1, v2 and the 2 scenes of v3
+    out = latent_shards
+    stats = json.loads((out / "clips-000001.tar.stats.json").read_text())
+    assert stats["encoded"] == 4  # v1, v2 and the 2 scenes of v3
     module = VideoDataModule([{"urls": str(out / "clips-000001.tar"), "type": "latent"}], num_frames=4,
                              resolution=[16, 16], batch_size=3, num_workers=0, shuffle_buffer=0)
     batch = next(iter(module.train_dataloader()))
@@ -241,3 +257,17 @@ def test_encoded_latent_shards_train_through_the_same_loader(shards, tmp_path):
             text = models["text_encoder"]([batch["caption"][index]])[0]
         torch.testing.assert_close(batch["latent"][index], expected, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(batch["text_embedding"][index], text, atol=1e-5, rtol=1e-4)
+
+
+def test_training_reads_encoded_latent_shards_without_the_vae(latent_shards, tmp_path, monkeypatch):
+    """demo-style shards -> data_pipelines/encode.py -> a ``type: latent`` source -> 2 ``vgen.train`` steps; the
+    VAE never encodes (its decoder still renders the end-of-training sample videos)."""
+    from vgen.callbacks import SampleVideos
+    from vgen.models.vae import VideoAutoencoder
+
+    monkeypatch.setattr(VideoAutoencoder, "encode", lambda *a, **k: pytest.fail("the VAE encoded a latent batch"))
+    urls = ",".join(f"'{p}'" for p in sorted(latent_shards.glob("clips-*.tar")))
+    trainer = train_two_steps(tmp_path, [f"data.sources.0.urls=[{urls}]", "data.sources.0.type=latent"])
+    [sampler] = [c for c in trainer.callbacks if isinstance(c, SampleVideos)]
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.mp4")) == [
+        f"step_0000002_{i}.mp4" for i in range(len(sampler.prompts))]

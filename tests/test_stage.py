@@ -115,3 +115,80 @@ def test_mismatched_widths_name_the_keys(text_encoder):
     with pytest.raises(ValueError, match="model.unet.in_channels"):
         JointImageVideoStage(UNet3D(**{**TINY, "in_channels": 4}), build_diffusion(), IdentityAutoencoder(),
                              text_encoder)
+
+
+def test_latent_batches_train_exactly_as_the_pixel_batches_they_encode(text_encoder):
+    """A latent-cache batch (``latent`` + ``text_embedding``, as data_pipelines/encode.py stores them) skips the
+    VAE and the text encoder, yet one training step gives the pixel batch's loss and weights: CFG-dropped samples
+    get the negative-prompt embedding, computed once by the text encoder."""
+    from vgen.models.vae import VideoAutoencoder
+
+    vae = VideoAutoencoder("tiny")
+
+    def stage():
+        torch.manual_seed(0)
+        unet = UNet3D(**{**TINY, "in_channels": 4, "out_channels": 4})
+        for p in unet.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        return JointImageVideoStage(unet, build_diffusion(), vae, text_encoder, ema={"enabled": False},
+                                    conditioning={"p_zero": 0.5})
+
+    pixels = batch(b=4)
+    pixels["caption"] = ["a red circle moving left", "a blue square", "green", "a yellow star moving up"]
+    pixel_stage, latent_stage = stage(), stage()
+    torch.manual_seed(1)
+    pixel_loss = pixel_stage.compute_loss(pixels)
+    torch.manual_seed(1)
+    with torch.no_grad():  # the same posterior draw the pixel path makes, then the caption embeddings
+        cached = {**{k: v for k, v in pixels.items() if k != "video"}, "latent": vae.encode(pixels["video"]),
+                  "text_embedding": text_encoder(pixels["caption"])}
+    rng = torch.get_rng_state()
+
+    seen = []
+    latent_stage.vae.encode = lambda *a, **k: pytest.fail("the VAE encoded a latent batch")
+    encode_text = latent_stage.encode_text
+    latent_stage.encode_text = lambda captions: seen.append(list(captions)) or encode_text(captions)
+    latent_loss = latent_stage.compute_loss(cached)
+    assert seen == [[NEGATIVE_PROMPT]]  # the text encoder runs once, for the negative prompt only
+    assert torch.equal(latent_loss, pixel_loss)
+
+    # the seed drops some samples' text and keeps others', and the cached path drops the same ones
+    torch.set_rng_state(rng)
+    text = latent_stage.training_conditions(cached, cached["latent"])["text"]
+    dropped = [torch.equal(row, latent_stage.negative_embedding(1)[0]) for row in text]
+    kept = [torch.equal(row, emb) for row, emb in zip(text, cached["text_embedding"])]
+    assert any(dropped) and any(kept) and all(d != k for d, k in zip(dropped, kept)), (dropped, kept)
+    assert seen == [[NEGATIVE_PROMPT]]  # cached, not recomputed
+
+    for s, loss in ((pixel_stage, pixel_loss), (latent_stage, latent_loss)):
+        optimizer = torch.optim.SGD(s.unet.parameters(), lr=0.1)
+        loss.backward()
+        optimizer.step()
+    for (name, a), b in zip(pixel_stage.unet.named_parameters(), latent_stage.unet.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_latent_batches_of_another_encoder_are_refused_naming_it(text_encoder):
+    stage = make_stage(text_encoder)
+    data = {k: v for k, v in batch().items() if k != "video"}
+    with pytest.raises(ValueError, match=r"data_pipelines/encode.py --vae"):
+        stage.compute_loss({**data, "latent": torch.zeros(2, 4, 3, 8, 8)})
+    with pytest.raises(ValueError, match=r"data_pipelines/encode.py --text-encoder"):
+        stage.compute_loss({**data, "latent": torch.zeros(2, 3, 3, 8, 8), "text_embedding": torch.zeros(2, 77, 32)})
+
+
+def test_a_nonfinite_step_is_flagged_skipped_and_logs_no_per_kind_loss(text_encoder):
+    stage = make_stage(text_encoder, p_zero=0.0)
+    logged = []
+    stage.log = lambda name, value, **kwargs: logged.append(name)
+    bad = batch()
+    bad["video"][0] = float("nan")
+    stage.training_step(bad, 0)
+    assert stage.step_skipped and stage.nonfinite_steps == 1
+    assert logged == ["train/nonfinite_steps"]  # neither train/loss nor train/loss_video of a NaN
+    optimizer = torch.optim.SGD(stage.unet.parameters(), lr=0.1)
+    stage.optimizer_step(0, 0, optimizer, lambda: None)
+    assert not stage.step_skipped  # cleared after its (skipped) optimizer step
+    logged.clear()
+    stage.training_step(batch(), 1)
+    assert logged == ["train/loss", "train/loss_video"]

@@ -38,6 +38,6 @@ class ThroughputMonitor(L.Callback):
         if self._start is None or trainer.global_step % self.log_every_n_steps:
             return
         elapsed = time.perf_counter() - self._start
-        samples = batch["video"].shape[0] * trainer.world_size
+        samples = (batch["latent"] if "latent" in batch else batch["video"]).shape[0] * trainer.world_size
         pl_module.log_dict({"perf/samples_per_sec": samples / max(elapsed, 1e-9), "perf/step_time_s": elapsed,
                             "perf/peak_memory_mib": peak_memory_mib(pl_module.device)})

@@ -51,6 +51,11 @@ class DiffusionStage(L.LightningModule):
     Batches may carry ``noise_seed`` ([B] int64): each sample's timestep and noise are then drawn from its own
     seed instead of the global generator, which makes the trajectory independent of the world size (the
     synthetic data of ``vgen.training.synthetic`` does this).
+
+    Latent-cache batches (``type: latent`` sources, shards from ``data_pipelines/encode.py``) carry ``latent``
+    [B, C, F, h, w] instead of ``video``, and ``text_embedding`` [B, L, D] / ``image_embedding`` when stored: the
+    VAE, the text encoder and the image encoder are then skipped for them. The text encoder still gives the
+    negative-prompt (and empty-prompt) embeddings, once, that classifier-free dropout swaps in.
     """
 
     def __init__(
@@ -200,6 +205,47 @@ class DiffusionStage(L.LightningModule):
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         return self.text_encoder(list(captions))
 
+    @staticmethod
+    def batch_samples(batch: dict) -> torch.Tensor:
+        """The batch's clips: ``latent`` [B, C, F, h, w] for latent-cache batches, else ``video`` [B, 3, F, H, W]."""
+        return batch["latent"] if "latent" in batch else batch["video"]
+
+    @torch.no_grad()
+    def batch_latents(self, batch: dict) -> torch.Tensor:
+        """Training latents: the cached ``latent`` when the batch has it (no VAE call), else the VAE's."""
+        if "latent" not in batch:
+            return self.encode_video(batch["video"])
+        latents = batch["latent"]
+        channels = getattr(self.vae, "latent_channels", None)
+        if latents.ndim != 5 or (channels is not None and latents.shape[1] != channels):
+            raise ValueError(f"batch latent {tuple(latents.shape)} is not [B, {channels}, F, h, w] (model.vae's "
+                             "latent channels): encode the shards with this run's VAE (data_pipelines/encode.py --vae)")
+        return latents
+
+    @torch.no_grad()
+    def batch_text(self, batch: dict) -> torch.Tensor:
+        """Caption embeddings [B, L, D]: the cached ``text_embedding`` when the batch has it, else the encoder's."""
+        if "text_embedding" not in batch:
+            return self.encode_text(batch["caption"])
+        text = batch["text_embedding"]
+        expected = self.negative_embedding(1).shape[1:]
+        if text.shape[1:] != expected:
+            raise ValueError(f"batch text_embedding {tuple(text.shape)} does not match model.text_encoder's "
+                             f"[B, {expected[0]}, {expected[1]}]: encode the shards with this run's text encoder "
+                             "(data_pipelines/encode.py --text-encoder)")
+        return text
+
+    @torch.no_grad()
+    def batch_first_frame_embedding(self, batch: dict) -> torch.Tensor:
+        """Image-encoder embedding [B, 1, D] of each clip's first frame (cached ``image_embedding`` if present)."""
+        if "video" in batch:
+            return self.image_encoder(batch["video"][:, :, 0])
+        if "image_embedding" not in batch:
+            raise ValueError("this model needs the first frame's image embedding, but the latent batch has no "
+                             "image_embedding: encode the shards with data_pipelines/encode.py --image-encoder")
+        image = batch["image_embedding"]
+        return image[:, None] if image.ndim == 2 else image
+
     @torch.no_grad()
     def negative_embedding(self, batch_size: int) -> torch.Tensor:
         if self._negative is None or self._negative.device != self.device:
@@ -215,10 +261,10 @@ class DiffusionStage(L.LightningModule):
     @torch.no_grad()
     def training_conditions(self, batch: dict, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """UNet keyword inputs for a training batch, with classifier-free-guidance dropout applied."""
-        text = self.encode_text(batch["caption"])
+        text = self.batch_text(batch)
         cond = {"text": self._drop(text, self.negative_embedding(text.shape[0]), self.conditioning["p_zero"])}
         if self.image_conditioned:
-            image = self.image_encoder(batch["video"][:, :, 0])
+            image = self.batch_first_frame_embedding(batch)
             cond["image"] = self._drop(image, torch.zeros_like(image), self.conditioning["p_image_zero"])
             cond["first_frame"] = latents[:, :, :1]
             cond["fps"] = batch["fps"].to(self.device)
@@ -226,7 +272,7 @@ class DiffusionStage(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        latents = self.encode_video(batch["video"])
+        latents = self.batch_latents(batch)
         per_sample = self.diffusion.loss(self.unet, latents, self.training_conditions(batch, latents),
                                          **self._seeded_noise(batch, latents))
         return per_sample.mean()
@@ -254,7 +300,7 @@ class DiffusionStage(L.LightningModule):
             self._skip_nonfinite(loss)
             return loss  # backward() and the optimizer update are skipped (on every rank)
         self._nonfinite_in_a_row = 0
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_samples(batch).shape[0])
         return loss
 
     @property
@@ -312,10 +358,17 @@ class DiffusionStage(L.LightningModule):
         """The optimizer step, then the EMA update (before any callback can checkpoint this step)."""
         engine = self._deepspeed_engine()
         steps_before = engine.global_steps if engine is not None else None
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        skipped, self._skip_step = self._skip_step, False
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # runs training_step (the closure)
         stepped = engine is None or engine.global_steps != steps_before
-        if self.ema is not None and stepped and not skipped:
+        try:
+            self.after_optimizer_step(stepped)
+        finally:
+            self._skip_step = False
+
+    def after_optimizer_step(self, stepped: bool) -> None:
+        """Updates that follow the weights: the EMA, when the optimizer ``stepped`` (DeepSpeed steps only at the end
+        of gradient accumulation) and the step was not dropped (``self.step_skipped`` still tells, here)."""
+        if self.ema is not None and stepped and not self.step_skipped:
             self.ema.update(self.unet, self.global_step)
 
     def _deepspeed_engine(self):

@@ -100,7 +100,6 @@ class ConsistencyDistillStage(DiffusionStage):
         self._networks: dict[str, nn.Module | None] = {"teacher": None, "target": None}
         self._teacher_run_config: dict | None = None
         self._pending_target: dict[str, torch.Tensor] | None = None
-        self._nonfinite_seen = 0  # the base's count of skipped (non-finite) steps at the last optimizer step
 
     # ------------------------------------------------------------------ teacher and target networks
     @property
@@ -242,7 +241,6 @@ class ConsistencyDistillStage(DiffusionStage):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._nonfinite_seen = getattr(self, "nonfinite_steps", 0)
         if "lcm_target" not in checkpoint:
             raise KeyError("checkpoint has no lcm_target (the consistency target network): resume a distillation "
                            "run from its own checkpoints; the teacher goes in stage.teacher.checkpoint")
@@ -264,7 +262,7 @@ class ConsistencyDistillStage(DiffusionStage):
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         cfg = self.distill_cfg
-        latents = self.encode_video(batch["video"])
+        latents = self.batch_latents(batch)
         cond, uncond = self.distill_conditions(batch, latents)
         per_sample, _ = consistency_distillation_loss(
             self.unet, self.target, self.teacher, self.diffusion.param, latents, cond=cond, uncond=uncond,
@@ -285,15 +283,14 @@ class ConsistencyDistillStage(DiffusionStage):
         return {"index": torch.cat(indices).to(latents.device),
                 "noise": torch.cat(noises).to(device=latents.device, dtype=latents.dtype)}
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step (and the base's EMA), then the target update, before any callback checkpoints.
+    def after_optimizer_step(self, stepped: bool) -> None:
+        """After the optimizer step (and the base's EMA), the target update, before any callback checkpoints.
 
-        A step the base's non-finite guard dropped (any micro-batch since the last step) moves no target either.
+        A step the base's non-finite guard dropped (``step_skipped``: any micro-batch since the last step) moves no
+        target either, nor does a DeepSpeed micro-batch that did not step.
         """
-        super().optimizer_step(*args, **kwargs)
-        skipped = getattr(self, "nonfinite_steps", 0) != self._nonfinite_seen
-        self._nonfinite_seen = getattr(self, "nonfinite_steps", 0)
-        if not skipped:
+        super().after_optimizer_step(stepped)
+        if stepped and not self.step_skipped:
             self.update_target()
 
     # ------------------------------------------------------------------ sampling

@@ -39,13 +39,15 @@ class ImagePretrainStage(JointImageVideoStage):
 
     @staticmethod
     def single_frames(batch: dict) -> dict:
-        """The batch with one uniformly drawn frame per clip ([B, 3, 1, H, W]); images pass unchanged."""
-        video = batch["video"]
+        """The batch with one uniformly drawn frame per clip ([B, C, 1, H, W]; of ``latent`` in latent-cache
+        batches, whose VAE encodes frames independently); images pass unchanged."""
+        name = "latent" if "latent" in batch else "video"
+        video = batch[name]
         if video.shape[2] == 1:
             return batch
         index = torch.randint(video.shape[2], (video.shape[0],), device=video.device)
         frames = video[torch.arange(video.shape[0], device=video.device), :, index][:, :, None]
-        return {**batch, "video": frames, "kind": "image"}
+        return {**batch, name: frames, "kind": "image"}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return super().training_step(self.single_frames(batch), batch_idx)

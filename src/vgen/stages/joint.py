@@ -104,7 +104,7 @@ class JointImageVideoStage(DiffusionStage):
 
     def text_free_mask(self, batch: dict) -> torch.Tensor:
         """[B] bool: which samples are trained without text."""
-        b, frames = batch["video"].shape[0], batch["video"].shape[2]
+        b, frames = self.batch_samples(batch).shape[0], self.batch_samples(batch).shape[2]
         mode = self.text_free_cfg["mode"]
         if mode == "none":
             return torch.zeros(b, dtype=torch.bool, device=self.device)
@@ -114,6 +114,15 @@ class JointImageVideoStage(DiffusionStage):
         if flag is not None:
             return torch.as_tensor(flag, dtype=torch.bool, device=self.device).reshape(b)
         return torch.tensor([not str(c).strip() for c in batch["caption"]], dtype=torch.bool, device=self.device)
+
+    def _text_free_image(self, batch: dict) -> torch.Tensor:
+        """Image-encoder embedding [B, 1, D] of the ``text_free.image_frame`` frame of each clip."""
+        if "video" in batch:
+            return self.image_encoder(self._clip_frame(batch["video"]))
+        if self.text_free_cfg["image_frame"] != "first":
+            raise ValueError(f"stage.text_free.image_frame={self.text_free_cfg['image_frame']} needs pixels, but latent "
+                             "batches store only the first frame's image embedding: set it to first")
+        return self.batch_first_frame_embedding(batch)
 
     def _clip_frame(self, video: torch.Tensor) -> torch.Tensor:
         frames = video.shape[2]
@@ -134,7 +143,7 @@ class JointImageVideoStage(DiffusionStage):
         """UNet keyword inputs for a training batch, with classifier-free-guidance dropout applied."""
         cond = self.conditioning
         b = latents.shape[0]
-        text = self.encode_text(batch["caption"])
+        text = self.batch_text(batch)
         negative = self.negative_embedding(b)
         text_free = self.text_free_mask(batch)
         if text_free.any():
@@ -149,11 +158,11 @@ class JointImageVideoStage(DiffusionStage):
             out["first_frame"] = torch.zeros_like(latents)
             out["fps"] = batch["fps"].to(self.device)
         elif self.image_conditioned:
-            image = self.image_encoder(batch["video"][:, :, 0])
+            image = self.batch_first_frame_embedding(batch)
             out["first_frame"] = latents[:, :, :1]
             out["fps"] = batch["fps"].to(self.device)
         elif text_free.any():
-            image = self.image_encoder(self._clip_frame(batch["video"]))
+            image = self._text_free_image(batch)
             image = torch.where(text_free.view(-1, 1, 1), image, torch.zeros_like(image))
         if image is not None:
             drop_image = self._coin(b, cond["p_image_zero"]) | joint
@@ -166,7 +175,7 @@ class JointImageVideoStage(DiffusionStage):
         return sample_timesteps(batch_size, self.diffusion.param.num_timesteps, self.device)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        latents = self.encode_video(batch["video"])
+        latents = self.batch_latents(batch)
         conditions = self.training_conditions(batch, latents)
         seeded = self._seeded_noise(batch, latents) if hasattr(self, "_seeded_noise") else {}  # per-sample seeds
         t = seeded["t"] if "t" in seeded else self.sample_timesteps(latents.shape[0])
@@ -188,8 +197,9 @@ class JointImageVideoStage(DiffusionStage):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
-        if loss is None:  # a skipped (non-finite) step
-            return None
-        kind = batch.get("kind", "video" if batch["video"].shape[2] > 1 else "image")
-        self.log(f"train/loss_{kind}", loss, batch_size=batch["video"].shape[0])
+        if self.step_skipped:  # a non-finite loss: the base skips this step on every rank; nothing to log
+            return loss
+        samples = self.batch_samples(batch)
+        kind = batch.get("kind", "video" if samples.shape[2] > 1 else "image")
+        self.log(f"train/loss_{kind}", loss, batch_size=samples.shape[0])
         return loss

@@ -204,9 +204,9 @@ class RewardFinetuneStage(DiffusionStage):
     def compute_loss(self, batch: dict) -> torch.Tensor:
         cfg = self.tuning
         captions = list(batch["caption"])
-        latents = self.encode_video(batch["video"])
+        latents = self.batch_latents(batch)
         b, frames = latents.shape[0], latents.shape[2]
-        cond = {"text": self.encode_text(captions)}
+        cond = {"text": self.batch_text(batch)}
         uncond = {"text": self.negative_embedding(b)} if cfg["guidance"] != 1.0 else None
         param = self.diffusion.param
         start = torch.full((b,), int(self.timesteps[0]), dtype=torch.long, device=latents.device)
