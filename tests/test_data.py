@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import CONF_DIR, REPO
+from test_data_resume import UnpicklingWouldWriteAFile, write_tar
 from vgen.data import SampleError, VideoDataModule, decode_image, decode_video, encode_video, resolve_shards
 from vgen.data.synthetic import (
     ATTRIBUTES,
@@ -56,15 +57,6 @@ def data_dir(tmp_path_factory) -> Path:
 def read_tar(path: Path) -> dict[str, bytes]:
     with tarfile.open(path) as tar:
         return {member.name: tar.extractfile(member).read() for member in tar}
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def make_datamodule(data_dir: Path, video_weight=0.5, image_weight=0.5, **overrides) -> VideoDataModule:
@@ -325,16 +317,6 @@ def test_two_workers_split_the_shards(data_dir):
     # Both workers use the same seeds: only the shard split keeps them from yielding the same clips.
     keys = [key for batch in batches if batch["kind"] == "video" for key in batch["key"]]
     assert len(keys) > 3 and len(keys) == len(set(keys))
-
-
-class UnpicklingWouldWriteAFile:
-    """Unpickling this creates ``path``: the test proves the loader never unpickles."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_bad_members_are_skipped_counted_and_named(tmp_path, caplog):

@@ -33,6 +33,16 @@ def write_tar(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
+class UnpicklingWouldWriteAFile:
+    """Unpickling this creates ``path``: a test that finds no file proves the loader never unpickles."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def tiny_clip(index: int, frames: int = 6, size: int = 16) -> bytes:
     from vgen.data import encode_video
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_data_resume import tiny_clip, tiny_jpeg, write_tar
+from test_data_resume import UnpicklingWouldWriteAFile, tiny_clip, tiny_jpeg, write_tar
 from vgen.data import VideoDataModule
 
 
@@ -89,14 +89,6 @@ def bad_shards(tmp_path_factory) -> dict:
     not_a_tar = root / "not-a-tar.tar"
     not_a_tar.write_bytes(b"this is not a tar archive" * 40)
     return {"videos": str(videos), "images": str(images), "not_a_tar": str(not_a_tar), "marker": marker}
-
-
-class UnpicklingWouldWriteAFile:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_every_bad_sample_kind_is_skipped_counted_and_named(bad_shards, caplog):
