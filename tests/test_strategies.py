@@ -103,7 +103,8 @@ def full_weights(trainer, pl_module) -> dict[str, torch.Tensor]:
             for k, v in unet.state_dict().items()}
 
 
-def compose_config(out: Path, overrides: list[str], data: dict | None = None, recorder: dict | None = None):
+def compose_config(out: Path, overrides: list[str], data: dict | None = None, recorder: dict | None = None,
+                   samples: dict | None = None):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -119,7 +120,10 @@ def compose_config(out: Path, overrides: list[str], data: dict | None = None, re
         del cfg["hydra"]
         cfg.data = OmegaConf.create({"_target_": "vgen.training.synthetic.SyntheticVideoData", "batch_size": 2,
                                      "num_frames": 4, "resolution": [16, 16], **(data or {})})
-        cfg.callbacks.sample_videos = None  # rank-0-only sampling cannot run a sharded model
+        if samples is None:  # validation videos only where a test asks for them (``samples``: callback options)
+            cfg.callbacks.sample_videos = None
+        else:
+            cfg.callbacks.sample_videos = OmegaConf.merge(cfg.callbacks.sample_videos, samples)
         cfg.callbacks.progress = None
         if recorder is not None:
             cfg.callbacks.recorder = OmegaConf.create({"_target_": "test_strategies.Recorder", **recorder})
@@ -132,15 +136,15 @@ def worker(spec: dict) -> None:
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     recorder = {"out_dir": str(out), **spec.get("recorder", {})}
-    run(compose_config(out, spec["overrides"], spec.get("data"), recorder))
+    run(compose_config(out, spec["overrides"], spec.get("data"), recorder, spec.get("samples")))
 
 
 # ---------------------------------------------------------------------------------------------------- test side
 def launch(out: Path, overrides: list[str], recorder: dict, data: dict | None = None, wait: bool = True,
-           timeout: float = 420):
+           timeout: float = 420, samples: dict | None = None):
     """Run the worker in a new process group (Lightning starts rank 1 from it); returns the Popen."""
     out.mkdir(parents=True, exist_ok=True)
-    spec = {"out": str(out), "overrides": overrides, "recorder": recorder, "data": data or {}}
+    spec = {"out": str(out), "overrides": overrides, "recorder": recorder, "data": data or {}, "samples": samples}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "RANK", "WORLD_SIZE",
                                                                       "MASTER_"))}
     env.update(WANDB_MODE="offline", DS_ACCELERATOR="cpu", PYTHONPATH=f"{TESTS}{os.pathsep}{REPO / 'src'}",
@@ -268,6 +272,38 @@ def test_offload_variants_match_one_process(strategy, reference, tmp_path):
     assert sorted(losses) == sorted(expected)
     for step, loss in expected.items():
         assert losses[step] == pytest.approx(loss, rel=STRATEGY_RTOL), (step, losses, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero3"])
+def test_validation_videos_of_a_sharded_model_sample_on_every_rank(strategy, tmp_path):
+    """Each forward of a ZeRO-3 / FSDP2 model gathers its shards from every rank: SampleVideos runs the sampler
+    on all ranks (a rank-0-only forward hangs) and rank 0 alone writes the mp4s. ``vgen.sample`` then samples
+    from the sharded checkpoint directory itself (its EMA weights, as vgen.checkpoint export consolidates them)."""
+    from vgen.data import decode_video
+    from vgen.sample import load_stage, main
+
+    out = tmp_path / "run"
+    samples = {"prompts": ["a red circle moving left", "a blue square moving up"], "every_n_steps": 1,
+               "num_frames": 4, "height": 16, "width": 16, "steps": 2}
+    launch(out, [*BASE, f"strategy={strategy}", "trainer.devices=2", "trainer.max_steps=2"],
+           {"tag": "samples", "dump": False}, samples=samples, timeout=300)
+    files = sorted((out / "samples").glob("*.mp4"))
+    assert [p.name for p in files] == [f"step_{s:07d}_{i}.mp4" for s in (1, 2) for i in range(2)]
+    for path in files:
+        clip = decode_video(path.read_bytes(), 4, sample_fps=8, start="first")
+        assert clip.frames.shape == (4, 16, 16, 3), path
+
+    sharded = out / "checkpoints" / "step0000002.ckpt"
+    assert sharded.is_dir()
+    stage, _ = load_stage(sharded)  # the EMA weights by default, as from a .ckpt file
+    weights = stage.unet.state_dict()
+    assert_close_dicts(weights, export(sharded, tmp_path / "ema.safetensors", ema=True), 0, 0, "vs exported EMA")
+    model = export(sharded, tmp_path / "model.safetensors", ema=False)
+    assert any(not torch.equal(weights[k], model[k]) for k in model), "the EMA must differ from the raw weights"
+    assert main([f"checkpoint={sharded}", "prompt=a red circle", "steps=2", f"out={tmp_path / 'v.mp4'}"]) == 0
+    clip = decode_video((tmp_path / "v.mp4").read_bytes(), 4, sample_fps=8, start="first")
+    assert clip.frames.shape == (4, 16, 16, 3)
 
 
 @pytest.mark.slow

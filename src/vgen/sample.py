@@ -20,11 +20,11 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from vgen.checkpoint.export import load_training_checkpoint, unet_weights
+from vgen.checkpoint.export import load_unet_weights
 from vgen.media import to_uint8_frames, write_mp4
 
 OPTIONS = {
-    "checkpoint": "training checkpoint (.ckpt) to sample from (required)",
+    "checkpoint": "training checkpoint to sample from: a .ckpt file or a sharded (DeepSpeed/FSDP2) directory (required)",
     "prompt": "text prompt (required)",
     "out": "output mp4 path (required)",
     "image": "first-frame image (png/jpg) for image-to-video models",
@@ -92,14 +92,21 @@ def _bool(value: str) -> bool:
 def load_stage(checkpoint: str | Path, ema: bool | None = None):
     """Rebuild the training stage of a vgen checkpoint (UNet weights loaded; EMA weights by default when saved).
 
-    Returns ``(stage, config)``; the frozen encoders come from the config (their own weights files).
+    ``checkpoint`` is a ``.ckpt`` file or a sharded DeepSpeed / FSDP2 checkpoint directory, consolidated in this
+    process by the loader of ``vgen.checkpoint export``. Returns ``(stage, config)``; the frozen encoders come
+    from the config (their own weights files).
     """
-    ckpt = load_training_checkpoint(checkpoint)
-    cfg = ckpt.get("vgen_config")
+    try:
+        weights, meta = load_unet_weights(checkpoint, ema=ema is not False)
+    except KeyError:  # no EMA weights saved (stage.ema.enabled=false)
+        if ema:
+            raise
+        weights, meta = load_unet_weights(checkpoint, ema=False)
+    cfg = meta.get("vgen_config")
     if cfg is None:
         raise UsageError(f"{checkpoint} has no vgen_config (not written by vgen.train)")
     stage = instantiate(cfg["stage"])
-    stage.unet.load_state_dict(unet_weights(ckpt, ema="ema" in ckpt if ema is None else ema), strict=True)
+    stage.unet.load_state_dict(weights, strict=True)
     return stage.eval(), cfg
 
 

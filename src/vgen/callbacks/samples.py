@@ -16,10 +16,13 @@ log = logging.getLogger(__name__)
 
 
 class SampleVideos(L.Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end of training) rank 0 samples ``prompts``.
+    """Every ``every_n_steps`` optimizer steps (and at the end of training) samples ``prompts``.
 
-    Image-conditioned models take their first frames from the first training batch seen.
-    Files go to ``<output_dir>/samples/step_XXXXXXX_<i>.mp4``; W&B gets them as ``val/videos``.
+    Every rank runs the sampler with the same prompts, seed and first frames (under ZeRO-3 and FSDP2 each
+    forward gathers the sharded weights collectively, so a rank-0-only forward would hang); rank 0 alone writes
+    the files and logs them. Image-conditioned models take their first frames from rank 0's first training batch
+    (decoded from its latents for latent-cache batches). Files go to ``<output_dir>/step_XXXXXXX_<i>.mp4``;
+    W&B gets them as ``val/videos``.
     """
 
     def __init__(self, prompts: list[str], every_n_steps: int = 500, num_frames: int = 8, height: int = 32,
@@ -37,10 +40,16 @@ class SampleVideos(L.Callback):
         self._last_step = -1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._images is None and pl_module.image_conditioned and batch["video"].shape[0] >= 1:
-            first = batch["video"][:, :, 0]
+        if self._images is None and pl_module.image_conditioned and self.prompts:
+            if "video" in batch:
+                first = batch["video"][:, :, 0]
+            else:  # latent-cache batch: decode the first frames (every rank: the VAE may be sharded)
+                with torch.no_grad():
+                    first = pl_module.vae.decode(batch["latent"][:, :, :1])[:, :, 0].clamp(-1, 1)
             reps = -(-len(self.prompts) // first.shape[0])
-            self._images = first.repeat(reps, 1, 1, 1)[: len(self.prompts)].detach().clone()
+            images = first.repeat(reps, 1, 1, 1)[: len(self.prompts)].detach().clone()
+            # rank 0's frames on every rank: all ranks sample the same videos
+            self._images = trainer.strategy.broadcast(images, src=0) if trainer.world_size > 1 else images
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -55,9 +64,11 @@ class SampleVideos(L.Callback):
 
     def _sample(self, trainer, pl_module, step: int) -> None:
         self._last_step = step
-        if not trainer.is_global_zero or not self.prompts:
+        if not self.prompts:
             return
-        videos = pl_module.generate(self.prompts, images=self._images, **self.kwargs)
+        videos = pl_module.generate(self.prompts, images=self._images, **self.kwargs)  # on every rank
+        if not trainer.is_global_zero:
+            return
         paths = [write_mp4(to_uint8_frames(v), self.output_dir / f"step_{step:07d}_{i}.mp4", fps=self.fps)
                  for i, v in enumerate(videos)]
         log.info("step %d: wrote %d sample videos to %s", step, len(paths), self.output_dir)
