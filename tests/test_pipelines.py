@@ -187,8 +187,8 @@ def test_filter_drops_by_each_bound_and_reads_video2dataset_and_img2dataset_shar
     assert stats["dropped"] == {"max_aspect": 1, "min_motion": 1, "min_duration": 1, "unsafe_member": 1}
 
 
-def train_two_steps(tmp_path: Path, overrides: list[str]):
-    """``vgen.train`` of the tiny demo experiment for 2 steps on the given data overrides; returns the trainer."""
+def train_two_steps(tmp_path: Path, overrides: list[str], experiment: str = "demo"):
+    """``vgen.train`` of a tiny demo experiment for 2 steps on the given data overrides; returns the trainer."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -197,7 +197,7 @@ def train_two_steps(tmp_path: Path, overrides: list[str]):
     from conftest import CONF_DIR
     from vgen.train import train
 
-    overrides = ["experiment=demo", "debug=tiny", f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}",
+    overrides = [f"experiment={experiment}", "debug=tiny", f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}",
                  "data.sources.1.weight=0", "data.num_frames=4", "data.sample_fps=8", "data.resolution=[16,16]",
                  "trainer.max_steps=2", *overrides]
     GlobalHydra.instance().clear()
@@ -223,8 +223,8 @@ def test_raw_videos_to_shards_to_filter_to_two_training_steps(shards, tmp_path):
 
 
 # the tiny encoders of debug=tiny, at its clip shape (4 frames of 16 x 16 at 8 fps)
-ENCODE = ["--vae", "tiny", "--text-encoder", "tiny", "--frames", "4", "--fps", "8", "--width", "16", "--height", "16",
-          "--batch-size", "2", "--device", "cpu"]
+ENCODE = ["--vae", "tiny", "--text-encoder", "tiny", "--image-encoder", "tiny", "--frames", "4", "--fps", "8",
+          "--width", "16", "--height", "16", "--batch-size", "2", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -259,15 +259,17 @@ def test_encoded_latent_shards_train_through_the_same_loader(shards, latent_shar
         torch.testing.assert_close(batch["text_embedding"][index], text, atol=1e-5, rtol=1e-4)
 
 
-def test_training_reads_encoded_latent_shards_without_the_vae(latent_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("experiment", ["demo", "demo_i2v"])
+def test_training_reads_encoded_latent_shards_without_the_vae(experiment, latent_shards, tmp_path, monkeypatch):
     """demo-style shards -> data_pipelines/encode.py -> a ``type: latent`` source -> 2 ``vgen.train`` steps; the
-    VAE never encodes (its decoder still renders the end-of-training sample videos)."""
+    VAE never encodes (its decoder still renders the end-of-training sample videos, and the first frames of the
+    image-to-video ones)."""
     from vgen.callbacks import SampleVideos
-    from vgen.models.vae import VideoAutoencoder
+    from vgen.stages.base import DiffusionStage
 
-    monkeypatch.setattr(VideoAutoencoder, "encode", lambda *a, **k: pytest.fail("the VAE encoded a latent batch"))
+    monkeypatch.setattr(DiffusionStage, "encode_video", lambda *a, **k: pytest.fail("the VAE encoded a latent batch"))
     urls = ",".join(f"'{p}'" for p in sorted(latent_shards.glob("clips-*.tar")))
-    trainer = train_two_steps(tmp_path, [f"data.sources.0.urls=[{urls}]", "data.sources.0.type=latent"])
+    trainer = train_two_steps(tmp_path, [f"data.sources.0.urls=[{urls}]", "data.sources.0.type=latent"], experiment)
     [sampler] = [c for c in trainer.callbacks if isinstance(c, SampleVideos)]
     assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.mp4")) == [
         f"step_0000002_{i}.mp4" for i in range(len(sampler.prompts))]

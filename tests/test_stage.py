@@ -117,21 +117,26 @@ def test_mismatched_widths_name_the_keys(text_encoder):
                              text_encoder)
 
 
-def test_latent_batches_train_exactly_as_the_pixel_batches_they_encode(text_encoder):
-    """A latent-cache batch (``latent`` + ``text_embedding``, as data_pipelines/encode.py stores them) skips the
-    VAE and the text encoder, yet one training step gives the pixel batch's loss and weights: CFG-dropped samples
-    get the negative-prompt embedding, computed once by the text encoder."""
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_latent_batches_train_exactly_as_the_pixel_batches_they_encode(text_encoder, i2v):
+    """A latent-cache batch (``latent``, ``text_embedding`` and, for image-to-video, ``image_embedding``, as
+    data_pipelines/encode.py stores them) skips the VAE and the encoders, yet one training step gives the pixel
+    batch's loss and weights: CFG-dropped samples get the negative-prompt embedding, computed once by the text
+    encoder (and a zero image embedding)."""
+    from vgen.models.image_encoder import OpenCLIPImageEncoder
     from vgen.models.vae import VideoAutoencoder
 
     vae = VideoAutoencoder("tiny")
+    image_encoder = OpenCLIPImageEncoder("tiny") if i2v else None
+    conditions = {"first_frame_condition": True, "fps_condition": True, "image_tokens": 2, "image_dim": 32} if i2v else {}
 
     def stage():
         torch.manual_seed(0)
-        unet = UNet3D(**{**TINY, "in_channels": 4, "out_channels": 4})
+        unet = UNet3D(**{**TINY, "in_channels": 4, "out_channels": 4, **conditions})
         for p in unet.parameters():
             torch.nn.init.normal_(p, std=0.05)
-        return JointImageVideoStage(unet, build_diffusion(), vae, text_encoder, ema={"enabled": False},
-                                    conditioning={"p_zero": 0.5})
+        return JointImageVideoStage(unet, build_diffusion(), vae, text_encoder, image_encoder, ema={"enabled": False},
+                                    conditioning={"p_zero": 0.5, "p_image_zero": 0.5 if i2v else 0.0})
 
     pixels = batch(b=4)
     pixels["caption"] = ["a red circle moving left", "a blue square", "green", "a yellow star moving up"]
@@ -139,13 +144,17 @@ def test_latent_batches_train_exactly_as_the_pixel_batches_they_encode(text_enco
     torch.manual_seed(1)
     pixel_loss = pixel_stage.compute_loss(pixels)
     torch.manual_seed(1)
-    with torch.no_grad():  # the same posterior draw the pixel path makes, then the caption embeddings
+    with torch.no_grad():  # the same posterior draw the pixel path makes, then the encoders' embeddings
         cached = {**{k: v for k, v in pixels.items() if k != "video"}, "latent": vae.encode(pixels["video"]),
                   "text_embedding": text_encoder(pixels["caption"])}
+        if i2v:
+            cached["image_embedding"] = image_encoder(pixels["video"][:, :, 0])
     rng = torch.get_rng_state()
 
     seen = []
     latent_stage.vae.encode = lambda *a, **k: pytest.fail("the VAE encoded a latent batch")
+    if i2v:
+        latent_stage.image_encoder.forward = lambda *a, **k: pytest.fail("the image encoder ran on a latent batch")
     encode_text = latent_stage.encode_text
     latent_stage.encode_text = lambda captions: seen.append(list(captions)) or encode_text(captions)
     latent_loss = latent_stage.compute_loss(cached)
