@@ -20,6 +20,7 @@ from vgen.diffusion import (
     ddim_sample,
     ddim_timesteps,
     diffusion_loss,
+    frame_noise,
     guided_output,
     logsnr_cosine_interp_sigmas,
     sinusoidal_embedding,
@@ -248,3 +249,43 @@ def test_configs_instantiate_to_the_golden_schedules(schedules_golden, name):
     assert diffusion.param.prediction == prediction
     assert (diffusion.ddim_steps, diffusion.ddim_eta, diffusion.guidance_scale) == (50, 0.0, 9.0)
     assert diffusion.offset_noise_strength == 0.1
+    assert diffusion.frame_noise_correlation == 0.0  # the original's i.i.d. noise
+
+
+def test_uncorrelated_frame_noise_is_the_plain_randn_stream():
+    a = frame_noise((2, 3, 4, 5, 5), 0.0, torch.Generator().manual_seed(7))
+    assert torch.equal(a, torch.randn((2, 3, 4, 5, 5), generator=torch.Generator().manual_seed(7)))
+    plain = training_noise(torch.zeros(2, 3, 4, 5, 5), 0.1, torch.Generator().manual_seed(7))
+    assert torch.equal(plain, training_noise(torch.zeros(2, 3, 4, 5, 5), 0.1, torch.Generator().manual_seed(7), 0.0))
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.8])
+def test_mixed_frame_noise_has_unit_variance_and_the_configured_frame_correlation(rho):
+    noise = frame_noise((64, 4, 6, 16, 16), rho, torch.Generator().manual_seed(0))
+    assert abs(noise.var().item() - 1.0) < 0.02
+    frames = noise.permute(2, 0, 1, 3, 4).reshape(6, -1)  # one row per frame
+    corr = torch.corrcoef(frames)
+    off_diagonal = corr[~torch.eye(6, dtype=torch.bool)]
+    assert (off_diagonal - rho).abs().max() < 0.02
+    spatial = torch.corrcoef(torch.stack([noise[..., 0, 0].flatten(), noise[..., 0, 1].flatten()]))
+    assert abs(spatial[0, 1].item()) < 0.05  # neighbouring pixels stay independent
+    images = frame_noise((64, 4, 1, 16, 16), rho, torch.Generator().manual_seed(0))  # one frame: nothing to share
+    assert torch.equal(images, torch.randn((64, 4, 1, 16, 16), generator=torch.Generator().manual_seed(0)))
+
+
+def test_frame_correlation_reaches_training_and_sampling_noise():
+    diffusion = build_diffusion(schedule="linear_sd", frame_noise_correlation=0.8, offset_noise_strength=0.0)
+    seen = []
+
+    def model(x, t, **kwargs):
+        seen.append(x)
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(32, 4, 4, 8, 8)
+    diffusion.loss(model, x0, t=torch.full((32,), 999))  # x_t ~ noise at t = T - 1
+    noise = diffusion.noise((32, 4, 4, 8, 8), torch.Generator().manual_seed(1))
+    for sample in (seen[0] / seen[0].std(), noise):
+        corr = torch.corrcoef(sample.permute(2, 0, 1, 3, 4).reshape(4, -1))
+        assert (corr[0, 1:] - 0.8).abs().max() < 0.05
+    with pytest.raises(ValueError, match="frame_noise_correlation must be in"):
+        build_diffusion(frame_noise_correlation=1.0)

@@ -12,14 +12,38 @@ from vgen.diffusion.parameterization import Parameterization
 Denoiser = Callable[..., torch.Tensor]
 
 
-def training_noise(
-    like: torch.Tensor, offset_noise_strength: float = 0.1, generator: torch.Generator | None = None
+def frame_noise(
+    shape: tuple[int, ...] | torch.Size,
+    frame_correlation: float = 0.0,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """N(0, I) plus ``offset_noise_strength`` * N(0, 1) of shape [B, C, F, 1, 1].
+    """Unit-variance Gaussian noise for [B, C, F, H, W] clips, ``frame_correlation`` of whose variance is shared by
+    all frames of a clip (PYoCo's "mixed" noise: sqrt(rho) shared + sqrt(1 - rho) per-frame, rho = correlation).
+
+    ``frame_correlation = 0`` is plain N(0, I), drawn exactly as ``torch.randn(shape)`` (same random stream).
+    """
+    if not 0.0 <= frame_correlation < 1.0:
+        raise ValueError(f"frame_correlation must be in [0, 1), got {frame_correlation}")
+    noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    if frame_correlation and len(shape) == 5 and shape[2] > 1:
+        shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator, dtype=dtype, device=device)
+        noise = (1.0 - frame_correlation) ** 0.5 * noise + frame_correlation**0.5 * shared
+    return noise
+
+
+def training_noise(
+    like: torch.Tensor,
+    offset_noise_strength: float = 0.1,
+    generator: torch.Generator | None = None,
+    frame_correlation: float = 0.0,
+) -> torch.Tensor:
+    """:func:`frame_noise` like ``like`` plus ``offset_noise_strength`` * N(0, 1) of shape [B, C, F, 1, 1].
 
     The offset is one value per (sample, channel, frame), constant over the two trailing (spatial) dims.
     """
-    noise = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    noise = frame_noise(like.shape, frame_correlation, generator, like.dtype, like.device)
     if offset_noise_strength:
         offset_shape = (*like.shape[:-2], 1, 1)
         offset = torch.randn(offset_shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -43,6 +67,7 @@ def diffusion_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     offset_noise_strength: float = 0.1,
+    frame_correlation: float = 0.0,
     weight: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -50,13 +75,13 @@ def diffusion_loss(
     """Per-sample loss [B]: mean over non-batch dims of (model(x_t, t) - target)^2.
 
     ``t`` defaults to uniform timesteps and ``noise`` to :func:`training_noise` (an explicit ``noise`` gets no
-    offset). ``weight`` ([B] or broadcastable to x0) scales the squared error; ``loss_mask`` multiplies both
+    offset and no frame correlation). ``weight`` ([B] or broadcastable to x0) scales the squared error; ``loss_mask`` multiplies both
     output and target (DreamVideo), the mean still being over every element.
     """
     if t is None:
         t = sample_timesteps(x0.shape[0], param.num_timesteps, x0.device, generator)
     if noise is None:
-        noise = training_noise(x0, offset_noise_strength, generator)
+        noise = training_noise(x0, offset_noise_strength, generator, frame_correlation)
     x_t = param.q_sample(x0, t, noise)
     output = model(x_t, t, **(model_kwargs or {}))
     target = param.target(x0, noise, t)

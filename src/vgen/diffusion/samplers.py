@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vgen.diffusion.loss import Denoiser
+from vgen.diffusion.loss import Denoiser, frame_noise
 from vgen.diffusion.parameterization import Parameterization
 from vgen.diffusion.schedules import ddim_timesteps
 
@@ -73,6 +73,7 @@ def ddim_sample(
     batch_cfg: bool = False,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    frame_correlation: float = 0.0,
 ) -> torch.Tensor:
     """DDIM from pure noise ``x_T`` over ``ddim_timesteps(T, steps)`` (VGen ``ddim_sample_loop``).
 
@@ -80,7 +81,8 @@ def ddim_sample(
     sqrt(1 - ab_prev - s^2) eps + s z, with s = eta sqrt((1 - ab_prev)/(1 - ab_t) (1 - ab_t/ab_prev)).
     The previous timestep is clamped at 0, so the last step lands on ab_0 (not 1) like the original and the
     result keeps a sqrt(1 - ab_0) eps component. ``callback`` gets {"i", "t", "x", "x0"} after every step,
-    ``x`` being the new x_prev.
+    ``x`` being the new x_prev. With ``eta > 0`` the fresh noise z has the model's ``frame_correlation``
+    (:func:`vgen.diffusion.loss.frame_noise`).
     """
     num_timesteps = param.num_timesteps
     stride = num_timesteps // steps
@@ -91,7 +93,7 @@ def ddim_sample(
         output = guided_output(model, x, t, cond or {}, uncond, guidance_scale, batch_cfg)
         x0 = param.predict_x0(output, x, t)
         eps = param.eps_from_x0(x0, x, t)
-        x = _ddim_update(param, x, x0, eps, t, t_prev, eta, generator)
+        x = _ddim_update(param, x, x0, eps, t, t_prev, eta, generator, frame_correlation)
         if callback is not None:
             callback({"i": i, "t": step, "x": x, "x0": x0})
     return x
@@ -106,13 +108,14 @@ def _ddim_update(
     t_prev: torch.Tensor,
     eta: float,
     generator: torch.Generator | None,
+    frame_correlation: float = 0.0,
 ) -> torch.Tensor:
     ab = param.schedule.alpha_bar(t, x)
     ab_prev = param.schedule.alpha_bar(t_prev, x)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).sqrt() * eps
     if eta:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        noise = frame_noise(x.shape, frame_correlation, generator, x.dtype, x.device)
         not_last = (t != 0).to(x.dtype).view_as(sigma)
         x_prev = x_prev + not_last * sigma * noise
     return x_prev

@@ -285,8 +285,8 @@ class DiffusionStage(L.LightningModule):
         for i, seed in enumerate(batch["noise_seed"].tolist()):
             g = torch.Generator().manual_seed(int(seed))
             steps.append(torch.randint(0, self.diffusion.param.num_timesteps, (1,), generator=g))
-            noises.append(training_noise(latents[i:i + 1].detach().cpu().float(),
-                                         self.diffusion.offset_noise_strength, generator=g))
+            noises.append(training_noise(latents[i:i + 1].detach().cpu().float(), self.diffusion.offset_noise_strength,
+                                         generator=g, frame_correlation=self.diffusion.frame_noise_correlation))
         return {"t": torch.cat(steps).to(latents.device),
                 "noise": torch.cat(noises).to(device=latents.device, dtype=latents.dtype)}
 
@@ -430,7 +430,7 @@ class DiffusionStage(L.LightningModule):
             uncond.update(image=torch.zeros_like(clip), first_frame=first, fps=fps_t)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         shape = (b, self.vae.latent_channels, num_frames, height // ds, width // ds)
-        noise = torch.randn(shape, generator=generator, device=self.device)
+        noise = self.diffusion.noise(shape, generator=generator, device=self.device)
         was_training = self.unet.training
         self.unet.eval()
         try:

@@ -179,7 +179,8 @@ class JointImageVideoStage(DiffusionStage):
         conditions = self.training_conditions(batch, latents)
         seeded = self._seeded_noise(batch, latents) if hasattr(self, "_seeded_noise") else {}  # per-sample seeds
         t = seeded["t"] if "t" in seeded else self.sample_timesteps(latents.shape[0])
-        noise = seeded["noise"] if "noise" in seeded else training_noise(latents, self.diffusion.offset_noise_strength)
+        noise = seeded["noise"] if "noise" in seeded else training_noise(
+            latents, self.diffusion.offset_noise_strength, frame_correlation=self.diffusion.frame_noise_correlation)
         outputs = []
 
         def denoiser(x_t, timesteps, **kwargs):

@@ -95,7 +95,7 @@ class RefinementStage(HQFinetuneStage):
                 x = ddim_invert(self.unet, latents, param, steps, model_kwargs=uncond, num_levels=levels)
             else:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
-                noise = torch.randn(latents.shape, generator=generator, device=self.device)
+                noise = self.diffusion.noise(latents.shape, generator=generator, device=self.device)
                 t = torch.full((b,), levels - 1, dtype=torch.long, device=self.device)
                 x = param.q_sample(latents, t, noise)
             scale = self.diffusion.guidance_scale if guidance is None else guidance

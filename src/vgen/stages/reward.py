@@ -199,7 +199,8 @@ class RewardFinetuneStage(DiffusionStage):
     def _start_noise(self, batch: dict, latents: torch.Tensor) -> torch.Tensor:
         if "noise_seed" in batch:  # world-size independent draws (vgen.training.synthetic)
             return self._seeded_noise(batch, latents)["noise"]
-        return training_noise(latents, self.diffusion.offset_noise_strength)
+        return training_noise(latents, self.diffusion.offset_noise_strength,
+                              frame_correlation=self.diffusion.frame_noise_correlation)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         cfg = self.tuning
