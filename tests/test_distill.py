@@ -349,7 +349,9 @@ def test_distill_a_trained_teacher_resume_and_sample(demo_data, tmp_path):
     run_training(["experiment=demo", "trainer.max_steps=1", *common], tmp_path / "teacher")
     teacher = tmp_path / "teacher" / "checkpoints" / "step0000001.ckpt"
     teacher_bytes = teacher.read_bytes()
-    distill = ["experiment=videolcm_distill", "model/unet=demo", *common]
+    # the experiment's TF-T2V options (image tokens, VideoComposer channels) are off in the demo teacher
+    distill = ["experiment=videolcm_distill", "model/unet=demo", "model.unet.image_tokens=0",
+               "model.unet.image_token_hidden=0", "model.unet.concat_channels=0", *common]
     # the teacher has the demo UNet (frame-index encoding in temporal attention): the t2v default is refused
     with pytest.raises(ConfigError, match="model.unet differs from the teacher's UNet in temporal_position"):
         run_training(["experiment=videolcm_distill", *common, f"stage.teacher.checkpoint={teacher}"],
