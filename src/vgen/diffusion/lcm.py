@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vgen.diffusion.loss import Denoiser
+from vgen.diffusion.loss import Denoiser, frame_noise
 from vgen.diffusion.parameterization import Parameterization
 from vgen.diffusion.samplers import guided_output
 
@@ -188,6 +188,7 @@ def lcm_sample(
     eta: float = 1.0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    frame_correlation: float = 0.0,
 ) -> torch.Tensor:
     """Multistep consistency sampling from pure noise ``x_T`` (no classifier-free guidance).
 
@@ -196,7 +197,8 @@ def lcm_sample(
     fresh N(0, I) noise from ``generator``; with ``eta = 0`` it is the noise the trajectory already carries,
     eps = (x - sqrt(ab_t) denoised) / sqrt(1 - ab_t), which makes the sampler deterministic in x_T (a DDIM step on
     the consistency function's x0); in between, eta z + sqrt(1 - eta^2) eps. Returns the last ``denoised``.
-    ``callback`` gets {"i", "t", "x", "x0"} after every step (``x0`` = denoised).
+    ``callback`` gets {"i", "t", "x", "x0"} after every step (``x0`` = denoised). The fresh noise has the
+    model's ``frame_correlation`` (:func:`vgen.diffusion.loss.frame_noise`).
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
@@ -209,7 +211,7 @@ def lcm_sample(
         if i + 1 < len(timesteps):
             noise = torch.zeros_like(x)
             if eta > 0:
-                noise = eta * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                noise = eta * frame_noise(x.shape, frame_correlation, generator, x.dtype, x.device)
             if eta < 1:
                 alpha_t, sigma_t = param.schedule.scalings(t, x)
                 noise = noise + (1 - eta**2) ** 0.5 * (x - alpha_t * denoised) / sigma_t

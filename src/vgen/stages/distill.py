@@ -362,6 +362,8 @@ class _LCMSampling:
 
     def __init__(self, diffusion: Diffusion, steps: int, cfg: dict, seed: int, eta: float):
         self.param = diffusion.param
+        self.noise = diffusion.noise  # x_T as the teacher's recipe draws it (frame correlation included)
+        self.frame_correlation = diffusion.frame_noise_correlation
         self.eta = eta
         self.ddim_steps = steps
         self.guidance_scale = 1.0
@@ -372,7 +374,8 @@ class _LCMSampling:
         generator = torch.Generator(device=x_T.device).manual_seed(self.seed)
         return lcm_sample(model, x_T, self.param, steps or self.ddim_steps, cond=cond,
                           original_steps=self.cfg["solver_steps"], sigma_data=self.cfg["sigma_data"],
-                          timestep_scaling=self.cfg["timestep_scaling"], eta=self.eta, generator=generator)
+                          timestep_scaling=self.cfg["timestep_scaling"], eta=self.eta, generator=generator,
+                          frame_correlation=self.frame_correlation)
 
 
 @torch.no_grad()
