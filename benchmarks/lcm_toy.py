@@ -12,7 +12,7 @@
 Steps 1-2 run ``python -m vgen.train`` (each resumes with ``resume=auto`` if interrupted) and are skipped when
 their final checkpoint exists; step 3 prints a markdown table.
 
-    python benchmarks/lcm_toy.py [--teacher-steps 300] [--distill-steps 400] [--solver-steps 10] [--seeds 32]
+    python benchmarks/lcm_toy.py [--teacher-steps 300] [--distill-steps 600] [--solver-steps 50] [--seeds 32] [--exact]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def teacher_command(args) -> list[str]:
 
 
 def student_name(args) -> str:
-    return f"lcm_student_n{args.solver_steps}"
+    return args.name or f"lcm_student_n{args.solver_steps}"
 
 
 def distill_command(args, teacher: Path) -> list[str]:
@@ -48,7 +48,8 @@ def distill_command(args, teacher: Path) -> list[str]:
             "model/unet=demo", "model/vae=identity", "model/text_encoder=tiny", "diffusion=cosine_v_ztsnr",
             "~model.vae.weights", "model.text_encoder.weights=null", "model.unet.image_tokens=0",
             "model.unet.image_token_hidden=0", "model.unet.concat_channels=0",
-            "data=demo", "data.resolution=[16,16]", *SMALL, "trainer.accelerator=cpu", "trainer.devices=1",
+            "data=demo", "data.resolution=[16,16]", *SMALL, "strategy=auto", "trainer.accelerator=cpu",
+            "trainer.devices=1",
             "trainer.precision=32-true", f"trainer.max_steps={args.distill_steps}", "trainer.log_every_n_steps=10",
             f"optim.lr={args.distill_lr}", "optim.warmup_steps=10", "stage.conditioning.spatial_grad_scale=1.0",
             f"stage.distill.guidance={GUIDANCE_W}", f"stage.distill.solver_steps={args.solver_steps}",
@@ -58,39 +59,81 @@ def distill_command(args, teacher: Path) -> list[str]:
 
 
 def train(overrides: list[str], checkpoint: Path) -> Path:
-    if not checkpoint.is_file():
+    if not checkpoint.exists():  # a file, or a directory under a sharded strategy (the experiment's ZeRO-2)
         print("python -m vgen.train " + " ".join(overrides), flush=True)
         env = {**os.environ, "WANDB_MODE": "offline"}
         subprocess.run([sys.executable, "-m", "vgen.train", *overrides], check=True, env=env)
     return checkpoint
 
 
+def _noise_and_conditions(stage, prompts: list[str], seed: int, shape: dict):
+    """x_T as ``stage.generate(seed=seed)`` draws it, and the (cond, uncond) UNet inputs."""
+    b = len(prompts)
+    generator = torch.Generator(device=stage.device).manual_seed(seed)
+    x = stage.diffusion.noise((b, stage.vae.latent_channels, shape["num_frames"], shape["height"], shape["width"]),
+                              generator=generator, device=stage.device)
+    return x, {"text": stage.encode_text(prompts)}, {"text": stage.negative_embedding(b)}
+
+
+def _solve(stage, x: torch.Tensor, grid: list[int], cond: dict, uncond: dict) -> torch.Tensor:
+    """The teacher's deterministic DDIM with CFG (w = GUIDANCE_W) along ``grid`` (descending, ending at 0)."""
+    from vgen.diffusion.lcm import ddim_solver_step
+
+    b, param = x.shape[0], stage.diffusion.param
+    for t, t_next in itertools.pairwise(grid):
+        x = ddim_solver_step(stage.unet, param, x, torch.full((b,), t), torch.full((b,), t_next), cond, uncond,
+                             guidance=GUIDANCE_W, batch_cfg=True)
+    return x
+
+
 def ddim_on_lcm_grid(stage, prompts: list[str], steps: int, seed: int, shape: dict) -> torch.Tensor:
     """The teacher's deterministic DDIM with CFG over the LCM grid (999, 759, 499, 259 -> 0 for 4 steps): the same
     x_T as ``stage.generate(seed=seed)``, so a few-step baseline without the VGen grid's late start (t=751)."""
-    from vgen.diffusion.lcm import ddim_solver_step, lcm_timesteps
+    from vgen.diffusion.lcm import lcm_timesteps
 
-    b, param = len(prompts), stage.diffusion.param
-    generator = torch.Generator(device=stage.device).manual_seed(seed)
-    x = torch.randn((b, stage.vae.latent_channels, shape["num_frames"], shape["height"], shape["width"]),
-                    generator=generator, device=stage.device)
-    cond, uncond = {"text": stage.encode_text(prompts)}, {"text": stage.negative_embedding(b)}
-    grid = [*lcm_timesteps(param.num_timesteps, steps).tolist(), 0]
-    for t, t_next in itertools.pairwise(grid):
-        x = ddim_solver_step(stage.unet, param, x, torch.full((b,), t), torch.full((b,), t_next), cond, uncond,
-                             guidance=GUIDANCE_W)
-    return stage.vae.decode(x).clamp(-1, 1)
+    x, cond, uncond = _noise_and_conditions(stage, prompts, seed, shape)
+    grid = [*lcm_timesteps(stage.diffusion.param.num_timesteps, steps).tolist(), 0]
+    return stage.vae.decode(_solve(stage, x, grid, cond, uncond)).clamp(-1, 1)
+
+
+def exact_consistency_lcm(stage, prompts: list[str], steps_list: tuple[int, ...], seed: int, shape: dict,
+                          solver_steps: int) -> dict[int, torch.Tensor]:
+    """The deterministic (eta=0) LCM sampler driven by the *exact* consistency function of the distillation target:
+    f(x, t) = the teacher's N-step solver (CFG) run from (x, t) down to 0 -- what a perfectly distilled student
+    returns. Shows how far the multistep re-noising alone moves a sample off the x_T trajectory."""
+    from vgen.diffusion.lcm import lcm_timesteps, solver_timesteps
+
+    param = stage.diffusion.param
+    x_T, cond, uncond = _noise_and_conditions(stage, prompts, seed, shape)
+    full = [*solver_timesteps(param.num_timesteps, solver_steps).flip(0).tolist(), 0]
+    out = {}
+    for steps in steps_list:
+        timesteps, x = lcm_timesteps(param.num_timesteps, steps, solver_steps).tolist(), x_T
+        for i, t in enumerate(timesteps):
+            denoised = _solve(stage, x, full[full.index(t):], cond, uncond)
+            if i + 1 < len(timesteps):  # eta = 0: re-noise with the trajectory's own noise, as lcm_sample
+                alpha, sigma = param.schedule.scalings(torch.full((x.shape[0],), t), x)
+                alpha_next, sigma_next = param.schedule.scalings(torch.full((x.shape[0],), timesteps[i + 1]), x)
+                x = alpha_next * denoised + sigma_next * (x - alpha * denoised) / sigma
+        out[steps] = stage.vae.decode(denoised).clamp(-1, 1)
+    return out
 
 
 @torch.no_grad()
-def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int) -> list[tuple[str, int, float, float]]:
-    from vgen.checkpoint.export import load_training_checkpoint, unet_weights
-    from vgen.sample import load_stage
+def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int,
+             exact: bool = False) -> list[tuple[str, int, float, float]]:
+    from hydra.utils import instantiate
 
-    teacher, _ = load_stage(teacher_ckpt)  # EMA weights: the ones the student was distilled from
-    student, _ = load_stage(student_ckpt)
-    teacher_weights = unet_weights(load_training_checkpoint(teacher_ckpt), ema=True)
-    distilled = {k: v.clone() for k, v in student.unet.state_dict().items()}
+    from vgen.checkpoint.export import load_unet_weights
+
+    def load(path: Path, ema: bool):  # a .ckpt file or a sharded checkpoint directory
+        weights, meta = load_unet_weights(path, ema=ema)
+        stage = instantiate(meta["vgen_config"]["stage"]).eval()
+        stage.unet.load_state_dict(weights, strict=True)
+        return stage, weights
+
+    teacher, teacher_weights = load(teacher_ckpt, ema=True)  # the EMA weights the student was distilled from
+    student, distilled = load(student_ckpt, ema=False)
     shape = {"num_frames": 4, "height": 16, "width": 16}
     rows: dict[str, list[torch.Tensor]] = {}
     for first in range(0, seeds, batch):
@@ -108,6 +151,11 @@ def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int) -> 
                     name = f"{label}, LCM-{n}" + (", fresh noise (eta=1)" if eta else "")
                     runs[(name, n)] = student.generate(prompts, sampler="lcm", steps=n, eta=eta, seed=seed, **shape)
         student.unet.load_state_dict(distilled, strict=True)
+        if exact:
+            solver_steps = student.distill_cfg["solver_steps"]
+            for n, video in exact_consistency_lcm(teacher, prompts, (2, 4), seed, shape, solver_steps).items():
+                runs[(f"exact consistency function (teacher's N={solver_steps} solver from each point), LCM-{n}",
+                      "-")] = video
         for key, video in runs.items():
             rows.setdefault(key, []).append((video - reference).square().flatten(1).mean(1))
     table = []
@@ -120,12 +168,17 @@ def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--distill-steps", type=int, default=400)
-    parser.add_argument("--distill-lr", type=float, default=5e-4)
-    parser.add_argument("--solver-steps", type=int, default=10, help="N of the teacher's DDIM solver (official 50)")
+    parser.add_argument("--distill-steps", type=int, default=600)
+    parser.add_argument("--distill-lr", type=float, default=3e-4)
+    parser.add_argument("--solver-steps", type=int, default=50, help="N of the teacher's DDIM solver")
     parser.add_argument("--seeds", type=int, default=32, help="samples (independent x_T) in the comparison")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--log-dir", default="outputs")
+    parser.add_argument("--name", help="student run name (default lcm_student_n<solver steps>)")
+    parser.add_argument("--student-step", type=int, help="evaluate this checkpoint step (default: the last)")
+    parser.add_argument("--exact", action="store_true",
+                        help="also run the eta=0 LCM sampler on the exact consistency function (the teacher's solver "
+                             "from every point; a perfectly distilled student), 2 and 4 steps")
     args = parser.parse_args()
 
     log_dir = Path(args.log_dir)
@@ -133,11 +186,13 @@ def main() -> None:
                     f"step{args.teacher_steps:07d}.ckpt")
     student = train(distill_command(args, teacher), log_dir / student_name(args) / "checkpoints" /
                     f"step{args.distill_steps:07d}.ckpt")
+    if args.student_step is not None:
+        student = student.with_name(f"step{args.student_step:07d}.ckpt")
     print(f"teacher {teacher}\nstudent {student}\nMSE to the teacher's DDIM-50 (CFG {1 + GUIDANCE_W:g}) samples "
           f"from the same x_T, {args.seeds} samples (mean +- standard error):\n")
     print("| sampler | UNet calls | MSE vs teacher DDIM-50 |")
     print("| --- | ---: | ---: |")
-    for name, calls, mse, err in evaluate(teacher, student, args.seeds, args.batch):
+    for name, calls, mse, err in evaluate(teacher, student, args.seeds, args.batch, args.exact):
         print(f"| {name} | {calls} | {mse:.4f} +- {err:.4f} |")
 
 
