@@ -147,6 +147,30 @@ def test_one_distillation_step_by_hand():
     assert huber.item() == pytest.approx(math.sqrt(d**2 + 1e-6) - 1e-3, rel=1e-6)
 
 
+def test_distillation_noise_follows_the_recipes_frame_correlation():
+    """Without explicit noise the loss draws x_t's noise with ``frame_correlation`` (the teacher's training noise):
+    0 is the plain randn stream; 0.9 makes the frames' noise share 90% of its variance."""
+    param = v_param()
+    x0 = torch.zeros(256, 1, 8, 4, 4, dtype=F64)
+    args = (Scale(0.4), Scale(0.4), lambda x, t, text: 0.2 * x, param, x0)
+    kwargs = {"cond": {"text": torch.ones(256, 1, 1, dtype=F64)}, "index": torch.full((256,), 49)}  # t = 999
+    sigma = math.sqrt(1 - param.schedule.alphas_cumprod[999])
+
+    def drawn(rho):
+        _, parts = consistency_distillation_loss(*args, generator=torch.Generator().manual_seed(0),
+                                                 frame_correlation=rho, **kwargs)
+        return parts["x_t"] / sigma
+
+    plain = drawn(0.0)
+    assert torch.allclose(plain, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=F64),
+                          rtol=1e-9, atol=1e-12)
+    for rho, noise in ((0.0, plain), (0.9, drawn(0.9))):
+        frames = noise.transpose(1, 2).flatten(2)  # [B, F, C*H*W]
+        corr = torch.corrcoef(torch.stack([frames[:, 0].flatten(), frames[:, 1].flatten()]))[0, 1].item()
+        assert corr == pytest.approx(rho, abs=0.06)
+        assert noise.std().item() == pytest.approx(1.0, abs=0.05)
+
+
 def test_lcm_sampler_matches_diffusers_lcm_scheduler():
     from diffusers import LCMScheduler
 

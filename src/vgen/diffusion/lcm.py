@@ -132,6 +132,7 @@ def consistency_distillation_loss(
     index: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    frame_correlation: float = 0.0,
     loss: str = "huber",
     huber_c: float = 0.001,
     sigma_data: float = 0.5,
@@ -141,7 +142,8 @@ def consistency_distillation_loss(
     """Per-sample consistency-distillation loss [B] and the intermediates (for logging and tests).
 
     For each sample: n ~ U{0..solver_steps-1} (or ``index``), t = grid[n], t_prev = max(t - k, 0),
-    x_t = q_sample(x0, t, noise) with plain Gaussian ``noise``; student f(x_t, t) against the target network's
+    x_t = q_sample(x0, t, noise), ``noise`` drawn (when not given) with the recipe's ``frame_correlation``
+    (:func:`vgen.diffusion.loss.frame_noise`; 0 = plain N(0, I)); student f(x_t, t) against the target network's
     f(x_hat_prev, t_prev), x_hat_prev being the guided teacher's DDIM step. Teacher and target run without
     gradients; the student gets ``cond`` only (no guidance input), as does the target.
     """
@@ -151,7 +153,7 @@ def consistency_distillation_loss(
     t = grid[index]
     t_prev = (t - param.num_timesteps // solver_steps).clamp(min=0)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        noise = frame_noise(x0.shape, frame_correlation, generator, x0.dtype, x0.device)
     x_t = param.q_sample(x0, t, noise)
     prediction = consistency_function(student, param, x_t, t, cond, sigma_data, timestep_scaling)
     with torch.no_grad():

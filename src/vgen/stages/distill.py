@@ -266,20 +266,21 @@ class ConsistencyDistillStage(DiffusionStage):
         cond, uncond = self.distill_conditions(batch, latents)
         per_sample, _ = consistency_distillation_loss(
             self.unet, self.target, self.teacher, self.diffusion.param, latents, cond=cond, uncond=uncond,
-            **self._seeded_draws(batch, latents),
+            **self._seeded_draws(batch, latents), frame_correlation=self.diffusion.frame_noise_correlation,
             guidance=cfg["guidance"], solver_steps=cfg["solver_steps"], loss=cfg["loss"], huber_c=cfg["huber_c"],
             sigma_data=cfg["sigma_data"], timestep_scaling=cfg["timestep_scaling"], batch_cfg=cfg["batch_cfg"])
         return per_sample.mean()
 
     def _seeded_draws(self, batch: dict, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample solver index and noise from ``batch["noise_seed"]`` (world-size independent); empty without."""
+        """Per-sample solver index and noise from ``batch["noise_seed"]`` (world-size independent; the noise with the
+        recipe's frame correlation, as the teacher was trained); empty without."""
         if "noise_seed" not in batch:
             return {}
         indices, noises = [], []
         for i, seed in enumerate(batch["noise_seed"].tolist()):
             g = torch.Generator().manual_seed(int(seed))
             indices.append(torch.randint(0, self.distill_cfg["solver_steps"], (1,), generator=g))
-            noises.append(torch.randn(latents[i:i + 1].shape, generator=g))
+            noises.append(self.diffusion.noise(latents[i:i + 1].shape, generator=g))
         return {"index": torch.cat(indices).to(latents.device),
                 "noise": torch.cat(noises).to(device=latents.device, dtype=latents.dtype)}
 
