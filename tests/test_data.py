@@ -217,6 +217,41 @@ def test_random_windows_seek_into_long_clips():
     assert decode_video(data, 5, 4, start="center").start == (30 - 9) // 2
 
 
+def test_decord_backend_reads_the_same_window_and_frames_as_pyav():
+    """data.video_backend=decord: same window from the same rng draws, same frames (both decode with FFmpeg; the
+    RGB conversion may differ by a few levels), same errors for bad bytes and short clips."""
+    pytest.importorskip("decord", reason="decord is in the dev extra; pip install 'vgen[decord]'")
+    data = encode_video(index_coded_clip(30), fps=8, keyframe_interval=4)
+    for start in ("first", "center", "random"):
+        clips = [decode_video(data, 5, 4, start=start, rng=random.Random(7), backend=b) for b in ("pyav", "decord")]
+        assert [(c.start, c.stride, c.fps) for c in clips[1:]] == [(clips[0].start, clips[0].stride, clips[0].fps)]
+        assert clips[1].frames.dtype == np.uint8 and clips[1].frames.shape == clips[0].frames.shape == (5, 32, 32, 3)
+        assert frame_indices(clips[1].frames) == frame_indices(clips[0].frames)
+        assert np.abs(clips[1].frames.astype(int) - clips[0].frames.astype(int)).max() <= 3
+    with pytest.raises(SampleError, match="undecodable") as info:
+        decode_video(data[: len(data) // 3], 5, 4, start="first", backend="decord")
+    assert info.value.reason == "undecodable"
+    with pytest.raises(SampleError, match="too few frames: need 16 at stride 2") as info:
+        decode_video(data[:], 16, 4, start="first", backend="decord")
+    assert info.value.reason == "too_short"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        decode_video(data, 5, 4, start="first", backend="opencv")
+
+
+def test_decord_backend_loads_the_same_batches(data_dir):
+    pytest.importorskip("decord", reason="decord is in the dev extra; pip install 'vgen[decord]'")
+    runs = [take(make_datamodule(data_dir, 1.0, 0.0, video_backend=b).train_dataloader(), 3) for b in ("pyav", "decord")]
+    for pyav_batch, decord_batch in zip(*runs):
+        assert decord_batch["key"] == pyav_batch["key"] and decord_batch["video"].shape == (3, 3, 8, 24, 32)
+        assert (decord_batch["video"] - pyav_batch["video"]).abs().max().item() <= 0.05  # [-1, 1] scale
+
+
+def test_bad_video_backend_names_the_key_and_choices():
+    sources = [{"urls": "x.tar", "type": "video", "weight": 1.0}]
+    with pytest.raises(ValueError, match=r"data.video_backend must be one of \['pyav', 'decord'\], got 'ffmpeg'"):
+        VideoDataModule(sources, video_backend="ffmpeg")
+
+
 def test_too_short_clip_raises_a_sample_error_with_the_numbers():
     data = encode_video(index_coded_clip(20), fps=8)
     with pytest.raises(SampleError, match="too few frames: need 16 at stride 2 .* have 20") as info:

@@ -19,6 +19,7 @@ seen. Resolutions are given as ``[width, height]`` (the VGen convention).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections import Counter
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader
 from vgen.data.buckets import BUCKET_MODES, Bucket, parse_buckets
 from vgen.data.shards import ShardSchedule
 from vgen.data.stream import LOADER_KEY, SOURCE_TYPES, BatchPlan, BatchStream, SampleDecoder, Source
+from vgen.data.video import BACKENDS as VIDEO_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,16 @@ def _int_at_least(value, name: str, minimum: int = 1) -> int:
     return value
 
 
+def _video_backend(name) -> str:
+    """``data.video_backend``, checked at construction: a known backend whose package imports."""
+    if name not in VIDEO_BACKENDS:
+        raise ValueError(f"{CONFIG_PREFIX}.video_backend must be one of {list(VIDEO_BACKENDS)}, got {name!r}")
+    if name == "decord" and importlib.util.find_spec("decord") is None:
+        raise ValueError(f"{CONFIG_PREFIX}.video_backend=decord: decord is not installed "
+                         "(pip install 'vgen[decord]'), or choose pyav")
+    return name
+
+
 class VideoDataModule(L.LightningDataModule):
     """WebDataset sources -> an endless, exactly resumable loader of homogeneous batches.
 
@@ -117,6 +129,7 @@ class VideoDataModule(L.LightningDataModule):
     per batch (``bucket_mode: batch``) or fixed per rank (``bucket_mode: rank``, VGen's per-rank frame
     lengths) instead, and the source among those that fit the bucket by weight. ``sample_fps`` sets the frame
     stride (see :func:`vgen.data.video.frame_stride`); ``random_start=False`` takes the centre window.
+    ``video_backend`` decodes videos with ``pyav`` (default) or ``decord`` (optional dependency).
     ``shuffle_buffer`` consecutive samples of a shard are shuffled together (0 = shard order).
     """
 
@@ -134,6 +147,7 @@ class VideoDataModule(L.LightningDataModule):
         random_start: bool = True,
         buckets: Sequence[Mapping] | Mapping | None = None,
         bucket_mode: str = "batch",
+        video_backend: str = "pyav",
     ):
         super().__init__()
         if isinstance(sources, (str, Mapping)) or not sources:
@@ -161,6 +175,7 @@ class VideoDataModule(L.LightningDataModule):
         if bucket_mode not in BUCKET_MODES:
             raise ValueError(f"{CONFIG_PREFIX}.bucket_mode must be one of {list(BUCKET_MODES)}, got {bucket_mode!r}")
         self.bucket_mode = bucket_mode
+        self.video_backend = _video_backend(video_backend)
         self.dataset: BatchStream | None = None
         self._consumed = 0  # batches of this rank that training has taken (the loader prefetches more)
         self._cursors: list[dict | None] = []  # per reader slot: its position after its last consumed batch
@@ -200,6 +215,7 @@ class VideoDataModule(L.LightningDataModule):
                 sample_fps=self.sample_fps,
                 start="random" if self.random_start else "center",
                 caption_required=config.caption_required,
+                video_backend=self.video_backend,
             )
             schedule = ShardSchedule(resolve_shards(config.urls, f"{key}.urls"), self.seed, key)
             sources.append(Source(key, config.type, float(config.weight), schedule, decoder))

@@ -59,13 +59,15 @@ class SampleDecoder:
 
     ``kind`` is the source type: ``video`` and ``image`` give ``{video [3,F,H,W] in [-1, 1], caption, key,
     fps, has_caption}``; ``latent`` gives ``latent`` (and ``text_embedding`` / ``image_embedding`` when the
-    shard stored them) instead of ``video``. ``start`` places video windows (see :func:`decode_video`).
+    shard stored them) instead of ``video``. ``start`` places video windows and ``video_backend`` decodes them
+    (see :func:`decode_video`).
     """
 
     kind: str
     sample_fps: float
     start: str = "random"
     caption_required: bool = True
+    video_backend: str = "pyav"
 
     def __call__(self, sample: dict, rng: random.Random, bucket: Bucket) -> dict:
         unsafe = _members(sample, UNSAFE_EXTENSIONS)
@@ -82,7 +84,8 @@ class SampleDecoder:
         if self.kind == "latent":
             return decoded | _latents(_media(sample, LATENT_EXTENSIONS))
         if self.kind == "video":
-            clip = decode_video(_media(sample, VIDEO_EXTENSIONS), bucket.frames, self.sample_fps, self.start, rng)
+            clip = decode_video(_media(sample, VIDEO_EXTENSIONS), bucket.frames, self.sample_fps, self.start, rng,
+                                self.video_backend)
             frames, fps = clip.frames, int(clip.fps + 0.5) if bucket.frames > 1 else IMAGE_FPS
         else:
             frames, fps = decode_image(_media(sample, IMAGE_EXTENSIONS))[None], IMAGE_FPS

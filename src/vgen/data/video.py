@@ -1,4 +1,5 @@
-"""Video bytes <-> uint8 frames with PyAV, entirely in memory (no temporary files).
+"""Video bytes <-> uint8 frames with PyAV (or, for decoding, optionally decord), entirely in memory (no temporary
+files).
 
 Decoding is fps-aware: a clip is read at ``stride = max(1, round(native_fps / sample_fps))`` so that every
 training clip covers about the same wall-clock time whatever the source frame rate, as VGen's loader does.
@@ -18,6 +19,7 @@ from vgen.data.errors import SampleError
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "avi", "mkv", "mov")
 STARTS = ("random", "first", "center")
+BACKENDS = ("pyav", "decord")
 
 
 class Clip(NamedTuple):
@@ -40,11 +42,13 @@ def decode_video(
     sample_fps: float,
     start: str = "random",
     rng: random.Random | None = None,
+    backend: str = "pyav",
 ) -> Clip:
     """Decode ``num_frames`` frames at ``sample_fps`` from encoded video bytes (mp4, webm, ...).
 
     ``start`` places the window: ``"random"`` (uniform, drawn from ``rng``), ``"first"`` or ``"center"``.
-    Seeks to the keyframe before the window instead of decoding from the beginning.
+    Seeks to the keyframe before the window instead of decoding from the beginning. ``backend`` is ``"pyav"``
+    or ``"decord"`` (optional dependency, ``pip install 'vgen[decord]'``): the same window, the same frames.
     Raises :class:`SampleError` for undecodable data (reason ``"undecodable"``) and for clips shorter than
     the window (reason ``"too_short"``).
     """
@@ -54,6 +58,10 @@ def decode_video(
         raise ValueError('start="random" needs an rng (random.Random)')
     if num_frames < 1 or sample_fps <= 0:
         raise ValueError(f"need num_frames >= 1 and sample_fps > 0, got {num_frames} and {sample_fps}")
+    if backend == "decord":
+        return _decode_with_decord(data, num_frames, sample_fps, start, rng)
+    if backend != "pyav":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
@@ -67,12 +75,11 @@ def decode_video(
         raise SampleError(f"undecodable video ({len(data)} bytes): {exc}") from exc
 
 
-def _read_window(container, stream, num_frames, sample_fps, start, rng) -> Clip:
-    native_fps = float(stream.average_rate or stream.guessed_rate or 0)
+def _window(native_fps: float, available: int, num_frames: int, sample_fps: float, start: str, rng) -> list[int]:
+    """The source frame indices of the clip: ``num_frames`` at the fps-aware stride, placed by ``start``."""
     if native_fps <= 0:
         raise SampleError("the video stream has no frame rate")
     stride = frame_stride(native_fps, sample_fps)
-    available = stream.frames or _frames_from_duration(container, stream, native_fps)
     span = (num_frames - 1) * stride + 1
     if available < span:
         raise SampleError(
@@ -85,7 +92,36 @@ def _read_window(container, stream, num_frames, sample_fps, start, rng) -> Clip:
         first = (available - span) // 2
     else:
         first = 0
-    wanted = list(range(first, first + span, stride))
+    return list(range(first, first + span, stride))
+
+
+def _decode_with_decord(data: bytes, num_frames: int, sample_fps: float, start: str, rng) -> Clip:
+    """:func:`decode_video` with decord's ``VideoReader`` (frame-accurate random access) on the same window."""
+    try:
+        import decord
+    except ImportError as exc:
+        raise ImportError("the decord video backend needs decord: pip install 'vgen[decord]'") from exc
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    except Exception as exc:  # decord raises RuntimeError / DECORDError for unreadable data
+        raise SampleError(f"undecodable video ({len(data)} bytes): {str(exc).strip()[:200]}") from exc
+    native_fps = float(reader.get_avg_fps() or 0)
+    wanted = _window(native_fps, len(reader), num_frames, sample_fps, start, rng)
+    try:
+        frames = reader.get_batch(wanted).asnumpy()
+    except Exception as exc:
+        raise SampleError(f"undecodable video ({len(data)} bytes): {str(exc).strip()[:200]}") from exc
+    stride = wanted[1] - wanted[0] if len(wanted) > 1 else frame_stride(native_fps, sample_fps)
+    return Clip(np.ascontiguousarray(frames, dtype=np.uint8), native_fps / stride, wanted[0], stride)
+
+
+def _read_window(container, stream, num_frames, sample_fps, start, rng) -> Clip:
+    native_fps = float(stream.average_rate or stream.guessed_rate or 0)
+    if native_fps <= 0:
+        raise SampleError("the video stream has no frame rate")
+    available = stream.frames or _frames_from_duration(container, stream, native_fps)
+    wanted = _window(native_fps, available, num_frames, sample_fps, start, rng)
+    first, stride = wanted[0], frame_stride(native_fps, sample_fps)
     frames = _decode_indices(container, stream, wanted, native_fps, seek_index=first)
     if frames is None:  # the seek landed past the window (unusual index); read from the beginning instead
         frames = _decode_indices(container, stream, wanted, native_fps, seek_index=0)
