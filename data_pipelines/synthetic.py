@@ -30,6 +30,7 @@ from vgen.data.synthetic import (  # noqa: F401  (re-exported for benchmarks and
     ATTRIBUTES,
     EXTENT,
     HELD_OUT,
+    PATHS,
     RADIUS_RANGE,
     TRAINING_COMBOS,
     caption,
@@ -58,12 +59,15 @@ def write_shards(
     fps: int = 8,
     seed: int = 0,
     shard_range: tuple[int, int] | None = None,
+    paths: str = "random",
 ) -> list[Path]:
     """Write the shards in ``shard_range`` ([start, stop) shard indices, default all) and the manifest.
 
     Shards that already exist are complete (they appear only by rename) and are skipped.
     Returns the shard paths written by this call.
     """
+    if paths not in PATHS:
+        raise ValueError(f"--paths must be one of {PATHS}, got {paths!r}")
     if size < 16 or size % 2 or frames < 1 or shard_size < 1 or videos < 0 or images < 0 or fps < 1:
         raise ValueError(
             f"need an even size >= 16 and positive frames, shard_size, fps; non-negative counts "
@@ -81,12 +85,12 @@ def write_shards(
                 continue
             indices = range(shard * shard_size, min((shard + 1) * shard_size, count))
             if kind == "videos":
-                samples = [_video_sample(i, seed, frames, size, fps) for i in indices]
+                samples = [_video_sample(i, seed, frames, size, fps, paths) for i in indices]
             else:
                 samples = [_image_sample(i, seed, size) for i in indices]
             _atomic_write(path, _tar_bytes(samples))
             written.append(path)
-    manifest = _manifest(counts, shard_size, frames, size, fps, seed)
+    manifest = _manifest(counts, shard_size, frames, size, fps, seed, paths)
     _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode() + b"\n")
     return written
 
@@ -106,9 +110,9 @@ def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, KIND_STREAMS[kind], index])
 
 
-def _video_sample(index: int, seed: int, frames: int, size: int, fps: int) -> dict[str, bytes]:
+def _video_sample(index: int, seed: int, frames: int, size: int, fps: int, paths: str) -> dict[str, bytes]:
     color, shape, direction = TRAINING_COMBOS[index % len(TRAINING_COMBOS)]
-    motion = sample_motion(direction, frames, size, _rng(seed, "videos", index))
+    motion = sample_motion(direction, frames, size, _rng(seed, "videos", index), paths)
     text = caption(color, shape, direction)
     meta = {
         "key": f"{index:08d}",
@@ -176,10 +180,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def _manifest(counts: dict[str, int], shard_size: int, frames: int, size: int, fps: int, seed: int) -> dict:
+def _manifest(
+    counts: dict[str, int], shard_size: int, frames: int, size: int, fps: int, seed: int, paths: str
+) -> dict:
     return {
         "generator": "data_pipelines/synthetic.py",
         "seed": seed,
+        "paths": paths,
         "frames": frames,
         "size": size,
         "fps": fps,
@@ -216,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps", type=int, default=8, help="frame rate written into the mp4")
     parser.add_argument("--seed", type=int, default=0, help="seed for positions, speeds and sizes")
     parser.add_argument("--shard-range", type=_parse_range, help="write only shards A..B-1 (of each kind)")
+    parser.add_argument("--paths", choices=PATHS, default="random",
+                        help="random: random start and distance; edge: edge to edge along the motion, random across; "
+                             "fixed: edge to edge through the centre (one path per direction)")
     args = parser.parse_args(argv)
     try:
         written = write_shards(**vars(args))  # the option names are write_shards' parameter names

@@ -24,6 +24,8 @@ from test_data_resume import UnpicklingWouldWriteAFile, write_tar
 from vgen.data import SampleError, VideoDataModule, decode_image, decode_video, encode_video, resolve_shards
 from vgen.data.synthetic import (
     ATTRIBUTES,
+    DIRECTIONS,
+    EXTENT,
     HELD_OUT,
     TRAINING_COMBOS,
     Motion,
@@ -174,6 +176,31 @@ def test_centroid_tracker_recovers_the_direction(direction):
         "red", "square", direction, Motion(motion.start, 0.0, motion.radius), frames=8, size=32
     )
     assert centroid_track(still) is None
+
+
+@pytest.mark.parametrize("direction", ATTRIBUTES["direction"])
+def test_path_modes_edge_to_edge_and_fixed(direction):
+    """``paths``: random keeps the original draws; edge travels the whole span (start fixed along the motion, the
+    radius aside); fixed also centres the path across, so one direction has one path up to the radius."""
+    motions = {mode: [sample_motion(direction, 16, 64, np.random.default_rng(i), mode) for i in range(20)]
+               for mode in ("random", "edge", "fixed")}
+    dx, dy = DIRECTIONS[direction]
+    for mode, runs in motions.items():
+        for i, m in enumerate(runs):
+            low, high = EXTENT * m.radius, 64 - EXTENT * m.radius
+            along, across = (m.start[0], m.start[1]) if dx else (m.start[1], m.start[0])
+            end = along + (dx + dy) * m.speed * 15
+            assert low - 1e-9 <= min(along, end) and max(along, end) <= high + 1e-9  # whole inside the frame
+            assert m.radius == motions["random"][i].radius  # the same draws in every mode
+            if mode == "random":
+                assert m == sample_motion(direction, 16, 64, np.random.default_rng(i))
+                continue
+            assert {round(along, 9), round(end, 9)} == {round(low, 9), round(high, 9)}  # edge to edge
+            if mode == "fixed":
+                assert across == 32.0
+    assert len({round(m.start[1 if dx else 0], 6) for m in motions["edge"]}) > 1  # edge: random across
+    with pytest.raises(ValueError, match="paths must be one of"):
+        sample_motion(direction, 16, 64, np.random.default_rng(0), "diagonal")
 
 
 # --- decoding and transforms -----------------------------------------------------------------------------

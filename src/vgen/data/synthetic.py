@@ -42,6 +42,7 @@ TRAINING_COMBOS: tuple[tuple[str, str, str], ...] = tuple(
 RADIUS_RANGE = (0.10, 0.15)  # shape radius as a fraction of the frame size
 TRAVEL_RANGE = (0.50, 0.65)  # distance covered over the whole clip, as a fraction of the frame size
 EXTENT = 1.1  # the shapes reach at most EXTENT * radius from their centre
+PATHS = ("random", "edge", "fixed")  # see sample_motion
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,29 @@ def caption(color: str, shape: str, direction: str | None = None) -> str:
     return f"{text} moving {direction}" if direction else text
 
 
-def sample_motion(direction: str, frames: int, size: int, rng: np.random.Generator) -> Motion:
-    """A random radius, speed and start such that the shape stays whole inside the frame throughout."""
+def sample_motion(
+    direction: str, frames: int, size: int, rng: np.random.Generator, paths: str = "random"
+) -> Motion:
+    """A random radius, speed and start such that the shape stays whole inside the frame throughout.
+
+    ``paths``: ``"random"`` draws the distance travelled from :data:`TRAVEL_RANGE` and the start along and
+    across the motion; ``"edge"`` travels the whole span, edge to edge (the start along the motion is fixed by the
+    direction), across still random; ``"fixed"`` also centres it across, so a direction has one path. The same
+    random draws are made in every mode.
+    """
+    if paths not in PATHS:
+        raise ValueError(f"paths must be one of {PATHS}, got {paths!r}")
     radius = rng.uniform(*RADIUS_RANGE) * size
     low, high = EXTENT * radius, size - EXTENT * radius
     travel = min(rng.uniform(*TRAVEL_RANGE) * size, high - low) if frames > 1 else 0.0
+    if paths != "random" and frames > 1:
+        travel = high - low
     dx, dy = DIRECTIONS[direction]
     slack = max(high - low - travel, 0.0)  # travel may use the whole span (then the start is fixed)
     along_start = (low if dx + dy > 0 else low + travel) + rng.uniform(0.0, slack)
     across = rng.uniform(low, high)
+    if paths == "fixed":
+        across = size / 2
     start = (along_start, across) if dx else (across, along_start)
     return Motion(start=start, speed=travel / max(frames - 1, 1), radius=radius)
 
