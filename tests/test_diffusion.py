@@ -23,6 +23,7 @@ from vgen.diffusion import (
     frame_noise,
     guided_output,
     logsnr_cosine_interp_sigmas,
+    sample_timesteps,
     sinusoidal_embedding,
     training_noise,
 )
@@ -250,6 +251,7 @@ def test_configs_instantiate_to_the_golden_schedules(schedules_golden, name):
     assert (diffusion.ddim_steps, diffusion.ddim_eta, diffusion.guidance_scale) == (50, 0.0, 9.0)
     assert diffusion.offset_noise_strength == 0.1
     assert diffusion.frame_noise_correlation == 0.0  # the original's i.i.d. noise
+    assert diffusion.timestep_shift == 1.0  # the original's uniform training timesteps
 
 
 def test_uncorrelated_frame_noise_is_the_plain_randn_stream():
@@ -289,3 +291,27 @@ def test_frame_correlation_reaches_training_and_sampling_noise():
         assert (corr[0, 1:] - 0.8).abs().max() < 0.05
     with pytest.raises(ValueError, match="frame_noise_correlation must be in"):
         build_diffusion(frame_noise_correlation=1.0)
+
+
+def test_timestep_shift_1_is_the_uniform_randint_stream_and_s_moves_draws_to_high_noise():
+    uniform = sample_timesteps(1000, 1000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(0, 1000, (1000,), generator=torch.Generator().manual_seed(3)))
+    for shift in (0.5, 4.0):
+        t = sample_timesteps(200_000, 1000, generator=torch.Generator().manual_seed(0), shift=shift)
+        assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= 999
+        # P(t >= 950) = 1 - u*, where s u* / (1 + (s - 1) u*) = 0.95
+        expected = 1 - 0.95 / (shift - 0.95 * (shift - 1))
+        assert (t >= 950).double().mean().item() == pytest.approx(expected, abs=0.003)
+    seen = []
+
+    def model(x, t, **kwargs):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    diffusion = build_diffusion(timestep_shift=4.0)
+    torch.manual_seed(0)
+    diffusion.loss(model, torch.zeros(20_000, 1, 1, 1, 1))
+    assert (seen[0] >= 950).double().mean().item() == pytest.approx(0.174, abs=0.01)
+    for bad in (0, -1.0, "4"):
+        with pytest.raises(ValueError, match="diffusion.timestep_shift must be a number > 0"):
+            build_diffusion(timestep_shift=bad)

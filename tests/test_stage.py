@@ -201,3 +201,15 @@ def test_a_nonfinite_step_is_flagged_skipped_and_logs_no_per_kind_loss(text_enco
     logged.clear()
     stage.training_step(batch(), 1)
     assert logged == ["train/loss", "train/loss_video"]
+
+
+def test_training_timesteps_follow_the_recipes_timestep_shift(text_encoder):
+    stage = make_stage(text_encoder)
+    torch.manual_seed(0)
+    uniform = stage.sample_timesteps(50_000)
+    stage.diffusion = build_diffusion(timestep_shift=4.0)
+    shifted = stage.sample_timesteps(50_000)
+    assert (uniform >= 950).double().mean().item() == pytest.approx(0.05, abs=0.01)
+    assert (shifted >= 950).double().mean().item() == pytest.approx(0.174, abs=0.01)
+    seeded = stage._seeded_noise({"noise_seed": torch.arange(4000)}, torch.zeros(4000, 1, 1, 1, 1))["t"]
+    assert (seeded >= 950).double().mean().item() == pytest.approx(0.174, abs=0.03)

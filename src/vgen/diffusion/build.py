@@ -20,6 +20,7 @@ class Diffusion:
     param: Parameterization
     offset_noise_strength: float = 0.1
     frame_noise_correlation: float = 0.0
+    timestep_shift: float = 1.0
     ddim_steps: int = 50
     ddim_eta: float = 0.0
     guidance_scale: float = 9.0
@@ -32,6 +33,7 @@ class Diffusion:
         """Per-sample training loss [B]; see :func:`vgen.diffusion.loss.diffusion_loss` for ``kwargs``."""
         kwargs.setdefault("offset_noise_strength", self.offset_noise_strength)
         kwargs.setdefault("frame_correlation", self.frame_noise_correlation)
+        kwargs.setdefault("timestep_shift", self.timestep_shift)
         return diffusion_loss(model, self.param, x0, model_kwargs, **kwargs)
 
     def noise(self, shape, generator: torch.Generator | None = None, dtype=None, device=None) -> torch.Tensor:
@@ -54,6 +56,7 @@ def build_diffusion(
     prediction: str = "v",
     offset_noise_strength: float = 0.1,
     frame_noise_correlation: float = 0.0,
+    timestep_shift: float = 1.0,
     ddim_steps: int = 50,
     ddim_eta: float = 0.0,
     guidance_scale: float = 9.0,
@@ -62,11 +65,15 @@ def build_diffusion(
     """Hydra entry point; ``schedule_kwargs`` go to :func:`beta_schedule` (cosine_s, init_beta, last_beta)."""
     if not 0.0 <= frame_noise_correlation < 1.0:
         raise ValueError(f"diffusion.frame_noise_correlation must be in [0, 1), got {frame_noise_correlation}")
+    if not isinstance(timestep_shift, (int, float)) or timestep_shift <= 0:
+        raise ValueError(f"diffusion.timestep_shift must be a number > 0 (1 = uniform training timesteps), "
+                         f"got {timestep_shift!r}")
     betas = beta_schedule(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr, **schedule_kwargs)
     return Diffusion(
         param=Parameterization(NoiseSchedule(betas), prediction),
         offset_noise_strength=offset_noise_strength,
         frame_noise_correlation=frame_noise_correlation,
+        timestep_shift=float(timestep_shift),
         ddim_steps=ddim_steps,
         ddim_eta=ddim_eta,
         guidance_scale=guidance_scale,

@@ -52,10 +52,26 @@ def training_noise(
 
 
 def sample_timesteps(
-    batch_size: int, num_timesteps: int, device: torch.device, generator: torch.Generator | None = None
+    batch_size: int,
+    num_timesteps: int,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    shift: float = 1.0,
 ) -> torch.Tensor:
-    """One uniform integer timestep in [0, T) per sample (int64)."""
-    return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
+    """One integer training timestep in [0, T) per sample (int64).
+
+    ``shift = 1``: uniform, drawn as ``torch.randint`` (the original). ``shift > 1`` moves the draws towards high
+    noise: t = floor(T * s u / (1 + (s - 1) u)) with u ~ U[0, 1) (the timestep shift of SD3 / "simple diffusion"
+    applied to the training distribution); e.g. s = 4 puts 17% of the draws in the noisiest 5% of the schedule,
+    where a model learns the layout it must invent when sampling. ``shift < 1`` favours low noise.
+    """
+    if shift <= 0:
+        raise ValueError(f"timestep shift must be > 0, got {shift}")
+    if shift == 1.0:
+        return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
+    u = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+    shifted = shift * u / (1.0 + (shift - 1.0) * u)
+    return (shifted * num_timesteps).long().clamp_(0, num_timesteps - 1)
 
 
 def diffusion_loss(
@@ -71,15 +87,16 @@ def diffusion_loss(
     weight: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    timestep_shift: float = 1.0,
 ) -> torch.Tensor:
     """Per-sample loss [B]: mean over non-batch dims of (model(x_t, t) - target)^2.
 
-    ``t`` defaults to uniform timesteps and ``noise`` to :func:`training_noise` (an explicit ``noise`` gets no
+    ``t`` defaults to :func:`sample_timesteps` (uniform, or shifted by ``timestep_shift``) and ``noise`` to :func:`training_noise` (an explicit ``noise`` gets no
     offset and no frame correlation). ``weight`` ([B] or broadcastable to x0) scales the squared error; ``loss_mask`` multiplies both
     output and target (DreamVideo), the mean still being over every element.
     """
     if t is None:
-        t = sample_timesteps(x0.shape[0], param.num_timesteps, x0.device, generator)
+        t = sample_timesteps(x0.shape[0], param.num_timesteps, x0.device, generator, timestep_shift)
     if noise is None:
         noise = training_noise(x0, offset_noise_strength, generator, frame_correlation)
     x_t = param.q_sample(x0, t, noise)

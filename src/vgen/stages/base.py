@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vgen.diffusion import Diffusion
-from vgen.diffusion.loss import training_noise
+from vgen.diffusion.loss import sample_timesteps, training_noise
 from vgen.training import rng
 from vgen.training.ema import EMA
 from vgen.training.optim import build_optimizer, warmup_decay_lambda
@@ -284,7 +284,8 @@ class DiffusionStage(L.LightningModule):
         steps, noises = [], []
         for i, seed in enumerate(batch["noise_seed"].tolist()):
             g = torch.Generator().manual_seed(int(seed))
-            steps.append(torch.randint(0, self.diffusion.param.num_timesteps, (1,), generator=g))
+            steps.append(sample_timesteps(1, self.diffusion.param.num_timesteps, generator=g,
+                                          shift=self.diffusion.timestep_shift))
             noises.append(training_noise(latents[i:i + 1].detach().cpu().float(), self.diffusion.offset_noise_strength,
                                          generator=g, frame_correlation=self.diffusion.frame_noise_correlation))
         return {"t": torch.cat(steps).to(latents.device),

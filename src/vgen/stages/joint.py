@@ -171,8 +171,10 @@ class JointImageVideoStage(DiffusionStage):
 
     # ------------------------------------------------------------------ loss
     def sample_timesteps(self, batch_size: int) -> torch.Tensor:
-        """Training timesteps [B] (uniform over the whole schedule; subclasses narrow the range)."""
-        return sample_timesteps(batch_size, self.diffusion.param.num_timesteps, self.device)
+        """Training timesteps [B] (uniform over the schedule, or shifted by ``diffusion.timestep_shift``; subclasses
+        narrow the range)."""
+        return sample_timesteps(batch_size, self.diffusion.param.num_timesteps, self.device,
+                                shift=self.diffusion.timestep_shift)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         latents = self.batch_latents(batch)
