@@ -57,6 +57,15 @@ def test_experiment_builds_the_reference_network_with_gpu_defaults(experiment):
     assert list(tiny.data.resolution) == [16, 16] and tiny.model.unet.model_channels == 32
 
 
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_an_experiment_names_its_run_directory_and_the_command_line_still_wins(experiment):
+    """The root config's own keys are defaults: an experiment's ``name`` decides outputs/<name> (make demo reads
+    outputs/demo), with or without a debug config, and a command-line override beats both."""
+    assert compose_experiment(experiment).name == experiment
+    assert compose_experiment(experiment, "debug=tiny").name == experiment
+    assert compose_experiment(experiment, "name=mine").name == "mine"
+
+
 # ---------------------------------------------------------------------------------------------- shared fixtures
 @pytest.fixture(scope="module")
 def encoders():
