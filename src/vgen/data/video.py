@@ -111,15 +111,13 @@ def _decode_with_decord(data: bytes, num_frames: int, sample_fps: float, start: 
         frames = reader.get_batch(wanted).asnumpy()
     except Exception as exc:
         raise SampleError(f"undecodable video ({len(data)} bytes): {str(exc).strip()[:200]}") from exc
-    stride = wanted[1] - wanted[0] if len(wanted) > 1 else frame_stride(native_fps, sample_fps)
+    stride = frame_stride(native_fps, sample_fps)
     return Clip(np.ascontiguousarray(frames, dtype=np.uint8), native_fps / stride, wanted[0], stride)
 
 
 def _read_window(container, stream, num_frames, sample_fps, start, rng) -> Clip:
     native_fps = float(stream.average_rate or stream.guessed_rate or 0)
-    if native_fps <= 0:
-        raise SampleError("the video stream has no frame rate")
-    available = stream.frames or _frames_from_duration(container, stream, native_fps)
+    available = stream.frames or (_frames_from_duration(container, stream, native_fps) if native_fps > 0 else 0)
     wanted = _window(native_fps, available, num_frames, sample_fps, start, rng)
     first, stride = wanted[0], frame_stride(native_fps, sample_fps)
     frames = _decode_indices(container, stream, wanted, native_fps, seek_index=first)
