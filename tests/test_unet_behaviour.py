@@ -134,3 +134,61 @@ def test_bad_shapes_and_configs_are_named():
     for bad in ({"channel_mult": ()}, {"channel_mult": (1, 0)}, {"num_res_blocks": 0}, {"head_dim": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             UNet3D(**{**TINY, **bad})
+
+
+def test_extra_condition_pathways_are_off_by_default_and_leave_the_vgen_layout_alone():
+    config = UNet3DConfig()
+    assert not (config.text_embedding or config.frame_embedding or config.scale_shift_norm)
+    keys = set(UNet3D(**TINY).state_dict())
+    assert not any(k.startswith(("text_embed.", "frame_embed.")) for k in keys)
+    extra = UNet3D(**TINY, text_embedding=True, frame_embedding=True, scale_shift_norm=True).state_dict()
+    assert {k for k in extra if k.startswith(("text_embed.", "frame_embed."))} == set(extra) - keys
+    assert extra["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * UNet3D(**TINY).state_dict()[
+        "input_blocks.1.0.emb_layers.1.weight"].shape[0]
+
+
+@pytest.mark.parametrize("channels", [32, 64])
+def test_scale_shift_norm_lets_the_embedding_through_one_channel_groupnorm_groups(channels):
+    """With one channel per GroupNorm group (32-channel levels) the original additive embedding is normalised away
+    exactly: a ResBlock's output does not depend on the timestep at all. FiLM after the norm fixes that."""
+    from vgen.models.blocks import ResBlock
+
+    torch.manual_seed(0)
+    x, e1, e2 = torch.randn(2, channels, 4, 4), torch.randn(2, 16), torch.randn(2, 16)
+    changes = {}
+    for scale_shift in (False, True):
+        block = ResBlock(channels, 16, channels, 0.0, scale_shift).eval()
+        torch.nn.init.normal_(block.out_layers[-1].weight, std=0.05)  # zero-initialised in the model
+        with torch.no_grad():
+            changes[scale_shift] = (block(x, e1) - block(x, e2)).abs().max().item()
+    assert changes[True] > 0.1
+    if channels == 32:
+        assert changes[False] < 1e-5
+    else:
+        assert changes[False] > 0.1
+
+
+def test_frame_embedding_tells_identical_frames_apart_without_temporal_layers():
+    x, t, text = _inputs(frames=4)
+    x = x[:, :, :1].expand_as(x).contiguous()  # four identical frames
+    outs = {}
+    for enabled in (False, True):
+        model = _randomize(UNet3D(**TINY, frame_embedding=enabled)).eval()
+        model.set_temporal_bypass(True)  # frames go through the network independently
+        with torch.no_grad():
+            out = model(x, t, text=text)
+        outs[enabled] = (out[:, :, 1:] - out[:, :, :1]).abs().max().item()
+    assert outs[False] < 1e-5 and outs[True] > 1e-3
+
+
+def test_text_embedding_conditions_a_model_whose_cross_attention_is_cut():
+    x, t, text = _inputs()
+    other = torch.randn_like(text)
+    for enabled in (False, True):
+        model = _randomize(UNet3D(**TINY, text_embedding=enabled)).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".attn2.to_v." in name:  # cross-attention values: the caption no longer reaches the trunk
+                    p.zero_()
+            change = (model(x, t, text=text) - model(x, t, text=other)).abs().max().item()
+        assert (change > 1e-3) == enabled

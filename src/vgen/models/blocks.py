@@ -165,15 +165,22 @@ class TemporalConvBlock(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """2-D residual block with an additive timestep embedding, followed by a temporal conv block."""
+    """2-D residual block with an additive timestep embedding, followed by a temporal conv block.
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    ``scale_shift=True`` (not in VGen) applies the embedding after the second GroupNorm as ``norm(h) * (1 + scale)
+    + shift`` (FiLM, as in ADM / guided-diffusion): with one channel per GroupNorm group (32-channel models) an
+    additive per-channel embedding would be normalised away.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 scale_shift: bool = False):
         super().__init__()
         out_channels = out_channels or channels
+        self.scale_shift = scale_shift
         self.in_layers = nn.Sequential(
             nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1)))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(32, out_channels),
             nn.SiLU(),
@@ -187,8 +194,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb=None, context=None, num_frames=1):
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[..., None, None]
-        h = self.skip_connection(x) + self.out_layers(h)
+        e = self.emb_layers(emb).to(h.dtype)[..., None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + e)
+        h = self.skip_connection(x) + h
         return fold_frames(self.temporal_conv(unfold_frames(h, num_frames)))
 
 

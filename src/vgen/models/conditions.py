@@ -23,6 +23,26 @@ class EmbeddingMLP(nn.Sequential):
             nn.init.zeros_(self[-1].bias)
 
 
+class TextPooling(nn.Module):
+    """Text tokens [B, L, context_dim] -> one vector [B, embed_dim] for the timestep embedding.
+
+    A learned query attends over the tokens (so the caption's informative tokens can outweigh the padding),
+    then Linear -> SiLU -> Linear. Pooled text in the time embedding reaches every ResBlock as a per-channel bias
+    (the Imagen / SDXL pooled-text pathway); VGen itself conditions on text through cross-attention only.
+    """
+
+    def __init__(self, context_dim: int, embed_dim: int, heads: int = 1):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, context_dim) / context_dim**0.5)
+        self.attention = nn.MultiheadAttention(context_dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(context_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self.attention(self.query.expand(text.shape[0], -1, -1).to(text.dtype), text, text,
+                                   need_weights=False)
+        return self.mlp(pooled[:, 0])
+
+
 class ImageTokens(nn.Module):
     """CLIP image embedding [B, 1, image_dim] -> ``num_tokens`` cross-attention tokens [B, num_tokens, context_dim]."""
 

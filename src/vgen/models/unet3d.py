@@ -25,7 +25,7 @@ from vgen.models.blocks import (
     fold_frames,
     unfold_frames,
 )
-from vgen.models.conditions import EmbeddingMLP, FirstFrameCondition, ImageTokens
+from vgen.models.conditions import EmbeddingMLP, FirstFrameCondition, ImageTokens, TextPooling
 from vgen.models.fourier import fourier_filter
 
 RESAMPLE_MODES = ("standard", "sr600")
@@ -46,6 +46,9 @@ class UNet3DConfig:
     decoder_context_dim: int = 1024  # the original hard-codes 1024 for decoder cross-attention
     temporal_attention: bool = True  # temporal transformers after each spatial transformer
     temporal_position: str = "none"  # frame-index encoding in temporal attention: "none" (original) | "sinusoidal"
+    text_embedding: bool = False  # add attention-pooled text to the timestep embedding (not in VGen; for small models)
+    scale_shift_norm: bool = False  # ResBlocks apply the embedding as FiLM after their 2nd GroupNorm (not in VGen)
+    frame_embedding: bool = False  # add an MLP of sinusoid(frame index) to each frame's embedding (not in VGen)
     dropout: float = 0.1  # ResBlock dropout (temporal convs always use 0.1)
     fps_condition: bool = False  # add an MLP of sinusoid(fps) to the timestep embedding
     image_tokens: int = 0  # CLIP image embedding -> this many context tokens (0 = off)
@@ -114,6 +117,8 @@ class UNet3D(nn.Module):
             if cfg.image_tokens else None
         )
         self.fps_embed = EmbeddingMLP(dim, embed_dim, zero_init_last=True) if cfg.fps_condition else None
+        self.text_embed = TextPooling(cfg.context_dim, embed_dim) if cfg.text_embedding else None
+        self.frame_embed = EmbeddingMLP(dim, embed_dim, zero_init_last=True) if cfg.frame_embedding else None
         self.first_frame = (
             FirstFrameCondition(cfg.in_channels, cfg.context_dim, cfg.first_frame_encoder_depth)
             if cfg.first_frame_condition else None
@@ -136,7 +141,7 @@ class UNet3D(nn.Module):
         for level, mult in enumerate(cfg.channel_mult):
             out_ch = dim * mult
             for _ in range(cfg.num_res_blocks):
-                block = [ResBlock(ch, embed_dim, out_ch, cfg.dropout)]
+                block = [ResBlock(ch, embed_dim, out_ch, cfg.dropout, cfg.scale_shift_norm)]
                 if scale in cfg.attention_scales:
                     block += transformers(out_ch, cfg.context_dim)
                 self.input_blocks.append(nn.ModuleList(block))
@@ -147,18 +152,18 @@ class UNet3D(nn.Module):
                 skip_channels.append(ch)
                 scale /= 2.0
 
-        middle = [ResBlock(ch, embed_dim, ch, cfg.dropout), SpatialTransformer(ch, ch // cfg.head_dim, cfg.head_dim,
+        middle = [ResBlock(ch, embed_dim, ch, cfg.dropout, cfg.scale_shift_norm), SpatialTransformer(ch, ch // cfg.head_dim, cfg.head_dim,
                                                                                 cfg.context_dim)]
         if cfg.temporal_attention:
             middle.append(TemporalTransformer(ch, ch // cfg.head_dim, cfg.head_dim, cfg.temporal_position))
-        middle.append(ResBlock(ch, embed_dim, ch, cfg.dropout))
+        middle.append(ResBlock(ch, embed_dim, ch, cfg.dropout, cfg.scale_shift_norm))
         self.middle_block = nn.ModuleList(middle)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             out_ch = dim * mult
             for j in range(cfg.num_res_blocks + 1):
-                block = [ResBlock(ch + skip_channels.pop(), embed_dim, out_ch, cfg.dropout)]
+                block = [ResBlock(ch + skip_channels.pop(), embed_dim, out_ch, cfg.dropout, cfg.scale_shift_norm)]
                 if scale in cfg.attention_scales:
                     block += transformers(out_ch, cfg.decoder_context_dim)
                 ch = out_ch
@@ -236,6 +241,8 @@ class UNet3D(nn.Module):
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or [B={b}] timesteps, got shape {tuple(t.shape)}")
         emb = self.embed(t, fps)
+        if self.text_embed is not None:
+            emb = emb + self.text_embed(text.to(emb.dtype))
         context = [text.to(x.dtype)]
         if self.first_frame is not None:
             if first_frame is None:
@@ -249,6 +256,10 @@ class UNet3D(nn.Module):
             context.append(self.image_tokens(image.to(x.dtype)))
         context = torch.cat(context, dim=1).repeat_interleave(f, dim=0)
         emb = emb.repeat_interleave(f, dim=0)
+        if self.frame_embed is not None:  # frames are folded into the batch as (b0 f0, b0 f1, ..., b1 f0, ...)
+            frames = sinusoidal_embedding(torch.arange(f, device=x.device), self.config.model_channels,
+                                          dtype=torch.float32).to(emb.dtype)
+            emb = emb + self.frame_embed(frames).repeat(b, 1)
 
         h = fold_frames(x)
         skips = []
