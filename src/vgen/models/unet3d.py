@@ -152,8 +152,8 @@ class UNet3D(nn.Module):
                 skip_channels.append(ch)
                 scale /= 2.0
 
-        middle = [ResBlock(ch, embed_dim, ch, cfg.dropout, cfg.scale_shift_norm), SpatialTransformer(ch, ch // cfg.head_dim, cfg.head_dim,
-                                                                                cfg.context_dim)]
+        middle = [ResBlock(ch, embed_dim, ch, cfg.dropout, cfg.scale_shift_norm),
+                  SpatialTransformer(ch, ch // cfg.head_dim, cfg.head_dim, cfg.context_dim)]
         if cfg.temporal_attention:
             middle.append(TemporalTransformer(ch, ch // cfg.head_dim, cfg.head_dim, cfg.temporal_position))
         middle.append(ResBlock(ch, embed_dim, ch, cfg.dropout, cfg.scale_shift_norm))
