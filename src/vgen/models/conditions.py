@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vgen.models.attention import Attention
 from vgen.models.blocks import FrameSequenceEncoder, fold_frames
 
 
@@ -31,15 +32,14 @@ class TextPooling(nn.Module):
     (the Imagen / SDXL pooled-text pathway); VGen itself conditions on text through cross-attention only.
     """
 
-    def __init__(self, context_dim: int, embed_dim: int, heads: int = 1):
+    def __init__(self, context_dim: int, embed_dim: int):
         super().__init__()
         self.query = nn.Parameter(torch.randn(1, 1, context_dim) / context_dim**0.5)
-        self.attention = nn.MultiheadAttention(context_dim, heads, batch_first=True)
+        self.attention = Attention(context_dim, 1, context_dim, context_dim)  # the UNet's attention (and backend)
         self.mlp = nn.Sequential(nn.Linear(context_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.attention(self.query.expand(text.shape[0], -1, -1).to(text.dtype), text, text,
-                                   need_weights=False)
+        pooled = self.attention(self.query.expand(text.shape[0], -1, -1).to(text.dtype), text)
         return self.mlp(pooled[:, 0])
 
 
