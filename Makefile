@@ -30,14 +30,14 @@ DEMO_ARGS ?=  # extra Hydra overrides for the demo run, e.g. DEMO_ARGS="trainer.
 DEMO_PROMPTS = "a red circle moving left" "a green square moving right" "a blue triangle moving down" "a yellow circle moving left"
 
 demo-data: setup
-	$(PY) data_pipelines/synthetic.py --out data/demo
+	$(PY) data_pipelines/synthetic.py --out data/demo --paths fixed
 
 # Set up, write the demo shards, train the demo experiment on CPU (resuming if interrupted), sample videos.
 demo: demo-data
 	WANDB_MODE=offline $(PY) -m vgen.train experiment=demo resume=auto $(DEMO_ARGS)
 	@ckpt=$$(ls outputs/demo/checkpoints/step*.ckpt | sort | tail -n 1); i=0; \
 	for prompt in $(DEMO_PROMPTS); do i=$$((i+1)); \
-	  $(PY) -m vgen.sample checkpoint=$$ckpt prompt="$$prompt" seed=$$i out=outputs/demo/videos/sample_$$i.mp4 \
+	  $(PY) -m vgen.sample checkpoint=$$ckpt prompt="$$prompt" seed=$$i upscale=8 out=outputs/demo/videos/sample_$$i.mp4 \
 	    || exit 1; echo "  $$prompt -> outputs/demo/videos/sample_$$i.mp4"; done; \
 	echo "checkpoint: $$ckpt"; echo "videos: outputs/demo/videos/"; \
 	echo "W&B offline run: $$(ls -d outputs/demo/wandb/offline-run-* | tail -n 1) (wandb sync <dir> to upload)"

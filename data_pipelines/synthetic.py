@@ -77,6 +77,7 @@ def write_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"videos": videos, "images": images}
+    _check_existing(out, _manifest(counts, shard_size, frames, size, fps, seed, paths))
     written = []
     for kind, count in counts.items():
         for shard in range(*_clip_range(shard_range, _num_shards(count, shard_size))):
@@ -93,6 +94,26 @@ def write_shards(
     manifest = _manifest(counts, shard_size, frames, size, fps, seed, paths)
     _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode() + b"\n")
     return written
+
+
+GENERATION_SETTINGS = ("seed", "paths", "frames", "size", "fps", "shard_size", "counts")
+
+
+def _check_existing(out: Path, wanted: dict) -> None:
+    """Refuse to add to (or skip over) shards written with other settings: a rerun skips complete shards, so
+    mixing settings would silently keep the old clips under a manifest that describes the new ones."""
+    path = out / "manifest.json"
+    if not path.exists():
+        return
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is unreadable ({error}); delete {out} or choose another --out") from None
+    differ = [f"{key}: {existing.get(key)!r} there, {wanted[key]!r} asked" for key in GENERATION_SETTINGS
+              if existing.get(key) != wanted[key]]
+    if differ:
+        raise ValueError(f"{out} already holds shards written with other settings ({'; '.join(differ)}); "
+                         f"delete it or choose another --out")
 
 
 def _num_shards(count: int, shard_size: int) -> int:

@@ -156,6 +156,15 @@ def test_shard_writer_is_byte_identical_and_resumable(data_dir, tmp_path):
     assert {n: (partial / n).stat().st_mtime_ns for n in mtimes} == mtimes
     assert (partial / "videos-000000.tar").read_bytes() == first["videos-000000.tar"]
 
+    # other settings into the same directory: refused (a rerun would skip the old shards and mislabel them)
+    before = {n: (partial / n).read_bytes() for n in names}
+    for extra in (("--paths", "fixed"), ("--seed", "1"), ("--size", "32")):
+        with pytest.raises(subprocess.CalledProcessError) as refused:
+            write_demo(partial, *extra)
+        assert "already holds shards written with other settings" in refused.value.stderr
+        assert "Traceback" not in refused.value.stderr
+    assert {n: (partial / n).read_bytes() for n in names} == before  # nothing touched
+
 
 def test_encoding_is_reproducible_within_a_process():
     # With x264's mb-tree, clips 12 and 31 of the seed-0 demo came out in two byte versions (~1 encode in 3).

@@ -141,6 +141,15 @@ def test_sample_writes_decodable_mp4(trained, experiment, tmp_path):
     assert main(args) == 0
     frames, fps = read_mp4(tmp_path / "v.mp4")
     assert frames.shape == (5, 16, 24, 3) and fps == 8
+    if experiment == "demo":  # upscale=k: the same video, each pixel a k x k block (H.264 rounding aside)
+        big_path = tmp_path / "big.mp4"
+        assert main([*args[:-1], f"out={big_path}", "upscale=3"]) == 0
+        big, _ = read_mp4(big_path)
+        assert big.shape == (5, 48, 72, 3)
+        blocks = big.reshape(5, 16, 3, 24, 3, 3).astype(float).mean(axis=(2, 4))
+        assert abs(blocks - frames.astype(float)).mean() < 6
+        for bad in ("upscale=0", "upscale=two"):
+            assert main([*args, bad]) == 2
 
 
 def test_checkpoint_export_model_and_ema(trained, tmp_path):

@@ -2,7 +2,7 @@
 
     python -m vgen.sample checkpoint=<ckpt> prompt="a red circle moving left" [image=<png/jpg>] \
         [num_frames=8] [height=32] [width=32] [steps=50] [guidance=9.0] [seed=0] [fps=8] [ema=true] \
-        [negative_prompt="..."] [refiner=<ckpt> refine_height=720 refine_width=1280 ...] out=<file.mp4>
+        [negative_prompt="..."] [upscale=1] [refiner=<ckpt> refine_height=720 refine_width=1280 ...] out=<file.mp4>
 
 Defaults for size, frames, fps, steps and guidance come from the checkpoint's training config (the VGen recipes:
 50 DDIM steps, guidance 9). DDIM with classifier-free guidance against the negative prompt (and a zero image
@@ -38,6 +38,7 @@ OPTIONS = {
     "fps": "fps of the mp4 (and the fps condition of fps-conditioned models)",
     "ema": "use the EMA weights (true/false)",
     "negative_prompt": "unconditional prompt for CFG (default: the training negative prompt)",
+    "upscale": "integer factor to enlarge the written frames, nearest neighbour (default 1); for viewing tiny demo videos",
     "refiner": "refinement-model checkpoint (experiment=i2vgen_refine) to cascade the video through",
     "refine_height": "refined pixel height (default: the refiner's training height)",
     "refine_width": "refined pixel width (default: the refiner's training width)",
@@ -111,6 +112,7 @@ def load_stage(checkpoint: str | Path, ema: bool | None = None):
 
 
 def sample(args: dict[str, str]) -> Path:
+    upscale = _positive_int(args.get("upscale", "1"), "upscale")
     stage, cfg = load_stage(args["checkpoint"], _bool(args["ema"]) if "ema" in args else None)
     data, shown = cfg.get("data", {}), cfg.get("callbacks", {}).get("sample_videos") or {}
     width, height = (data.get("resolution") or [shown.get("width", 32), shown.get("height", 32)])
@@ -135,7 +137,20 @@ def sample(args: dict[str, str]) -> Path:
                            images=images, fps=fps)
     if "refiner" in args:
         video = refine(video, args)
-    return write_mp4(to_uint8_frames(video[0]), args["out"], fps=fps)
+    frames = to_uint8_frames(video[0])
+    if upscale > 1:
+        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    return write_mp4(frames, args["out"], fps=fps)
+
+
+def _positive_int(value: str, key: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UsageError(f"{key}={value}: expected a positive integer")
+    return number
 
 
 def refine(video: torch.Tensor, args: dict[str, str]) -> torch.Tensor:
