@@ -137,10 +137,12 @@ def sample(args: dict[str, str]) -> Path:
                            images=images, fps=fps)
     if "refiner" in args:
         video = refine(video, args)
-    frames = to_uint8_frames(video[0])
-    if upscale > 1:
-        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
-    return write_mp4(frames, args["out"], fps=fps)
+    return write_mp4(upscale_frames(to_uint8_frames(video[0]), upscale), args["out"], fps=fps)
+
+
+def upscale_frames(frames: np.ndarray, factor: int) -> np.ndarray:
+    """[F, H, W, C] -> [F, H * factor, W * factor, C]: each pixel becomes a ``factor`` x ``factor`` block."""
+    return frames.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else frames
 
 
 def _positive_int(value: str, key: str) -> int:
