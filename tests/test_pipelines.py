@@ -269,7 +269,8 @@ def test_training_reads_encoded_latent_shards_without_the_vae(experiment, latent
 
     monkeypatch.setattr(DiffusionStage, "encode_video", lambda *a, **k: pytest.fail("the VAE encoded a latent batch"))
     urls = ",".join(f"'{p}'" for p in sorted(latent_shards.glob("clips-*.tar")))
-    trainer = train_two_steps(tmp_path, [f"data.sources.0.urls=[{urls}]", "data.sources.0.type=latent"], experiment)
+    trainer = train_two_steps(tmp_path, [f"data.sources.0.urls=[{urls}]", "data.sources.0.type=latent",
+                                         "model.text_encoder.max_length=77"], experiment)  # as the shards' encoder
     [sampler] = [c for c in trainer.callbacks if isinstance(c, SampleVideos)]
     assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.mp4")) == [
         f"step_0000002_{i}.mp4" for i in range(len(sampler.prompts))]
