@@ -151,7 +151,7 @@ def test_sample_writes_decodable_mp4(trained, experiment, tmp_path):
         small = np.arange(2 * 2 * 3 * 3, dtype=np.uint8).reshape(2, 2, 3, 3)
         big = upscale_frames(small, 3)
         assert big.shape == (2, 6, 9, 3) and (big[:, 4, 7] == small[:, 1, 2]).all() and (big[:, ::3, ::3] == small).all()
-        for bad in ("upscale=0", "upscale=two"):
+        for bad in ("upscale=0", "upscale=two", "upscale=1000"):
             assert main([*args, bad]) == 2
 
 

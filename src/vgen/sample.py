@@ -113,6 +113,8 @@ def load_stage(checkpoint: str | Path, ema: bool | None = None):
 
 def sample(args: dict[str, str]) -> Path:
     upscale = _positive_int(args.get("upscale", "1"), "upscale")
+    if upscale > 64:
+        raise UsageError(f"upscale={upscale}: at most 64 (nearest-neighbour enlargement for viewing)")
     stage, cfg = load_stage(args["checkpoint"], _bool(args["ema"]) if "ema" in args else None)
     data, shown = cfg.get("data", {}), cfg.get("callbacks", {}).get("sample_videos") or {}
     width, height = (data.get("resolution") or [shown.get("width", 32), shown.get("height", 32)])
