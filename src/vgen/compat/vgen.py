@@ -153,6 +153,11 @@ def from_original_key(key: str) -> str:
     return key
 
 
+def original_key_map(model: nn.Module) -> dict[str, str]:
+    """``{our state-dict key: the original VGen key}`` for every entry of ``model.state_dict()``."""
+    return {key: to_original_key(key) for key in model.state_dict()}
+
+
 def _original_order(keys: list[str]) -> list[str]:
     """The original lists an attention's LoRA keys after all of that attention's own weights."""
     adapters: dict[str, list[str]] = {}
