@@ -25,7 +25,8 @@ def reinit_by_name(unet: torch.nn.Module) -> None:
     """
     names = original_parameter_names(unet)
     for name, param in unet.named_parameters():
-        key = names.get(name, name)
+        # TF-T2V's image MLP is seeded by I2VGen-XL's name for it, as when the recorded losses were made
+        key = names.get(name, name).replace("pre_image_condition.", "context_embedding.")
         g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
         values = torch.randn(param.shape, generator=g, dtype=torch.float64)
         if param.ndim == 1:

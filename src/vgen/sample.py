@@ -1,13 +1,16 @@
-"""Sampling entry point: write an H.264 mp4 from a training checkpoint.
+"""Sampling entry point: write an H.264 mp4 from a training checkpoint of any stage.
 
     python -m vgen.sample checkpoint=<ckpt> prompt="a red circle moving left" [image=<png/jpg>] \
         [num_frames=8] [height=32] [width=32] [steps=50] [guidance=9.0] [seed=0] [fps=8] [ema=true] \
-        [negative_prompt="..."] [upscale=1] [refiner=<ckpt> refine_height=720 refine_width=1280 ...] out=<file.mp4>
+        [sampler=ddim|lcm] [negative_prompt="..."] [upscale=1] [overwrite=false] \
+        [refiner=<ckpt> refine_height=720 refine_width=1280 ...] out=<file.mp4>
 
-Defaults for size, frames, fps, steps and guidance come from the checkpoint's training config (the VGen recipes:
-50 DDIM steps, guidance 9). DDIM with classifier-free guidance against the negative prompt (and a zero image
-embedding for image-to-video models). ``refiner=`` runs the result through a refinement-model checkpoint
-(``experiment=i2vgen_refine``): resized to its resolution, noised to its noise level, denoised with the prompt.
+The checkpoint is read by :class:`vgen.pipeline.VideoPipeline` (no training stage is built): size, frames, fps,
+steps and guidance default to the training run's (the VGen recipes: 50 DDIM steps, guidance 9); a reward
+fine-tuning checkpoint brings its adapters onto the base weights it names; a distilled one samples with LCM.
+``refiner=`` runs the result through a refinement-model checkpoint (``experiment=i2vgen_refine``). Every bad
+argument ends with one line on stderr naming it and a non-zero exit; an existing ``out`` file is never replaced
+unless ``overwrite=true``.
 """
 
 from __future__ import annotations
@@ -17,28 +20,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from PIL import Image
-
-from vgen.checkpoint.export import load_unet_weights
-from vgen.media import to_uint8_frames, write_mp4
 
 OPTIONS = {
     "checkpoint": "training checkpoint to sample from: a .ckpt file or a sharded (DeepSpeed/FSDP2) directory (required)",
     "prompt": "text prompt (required)",
-    "out": "output mp4 path (required)",
+    "out": "output mp4 path (required; an existing file is refused unless overwrite=true)",
     "image": "first-frame image (png/jpg) for image-to-video models",
     "num_frames": "frames to generate",
     "height": "pixel height",
     "width": "pixel width",
-    "steps": "sampler steps (DDIM; LCM: 1-8, default 4)",
+    "steps": "sampler steps (DDIM; LCM: at most the distillation grid, default 4)",
     "sampler": "ddim (CFG) | lcm (consistency-distilled checkpoints: multistep LCM, no CFG; their default)",
     "guidance": "classifier-free guidance scale",
     "seed": "noise seed",
     "fps": "fps of the mp4 (and the fps condition of fps-conditioned models)",
-    "ema": "use the EMA weights (true/false)",
+    "ema": "use the EMA weights (true/false; default: EMA when saved)",
     "negative_prompt": "unconditional prompt for CFG (default: the training negative prompt)",
     "upscale": "integer factor to enlarge the written frames, nearest neighbour (default 1); for viewing tiny demo videos",
+    "overwrite": "replace an existing out file (true/false, default false)",
     "refiner": "refinement-model checkpoint (experiment=i2vgen_refine) to cascade the video through",
     "refine_height": "refined pixel height (default: the refiner's training height)",
     "refine_width": "refined pixel width (default: the refiner's training width)",
@@ -47,6 +46,8 @@ OPTIONS = {
     "refine_prompt": "the refiner's text (default: prompt)",
 }
 REQUIRED = ("checkpoint", "prompt", "out")
+MAX_SIZE = 8192  # pixels per side
+MAX_FRAMES = 4096
 
 
 class UsageError(ValueError):
@@ -69,11 +70,54 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return args
 
 
+def _int(args: dict[str, str], key: str, low: int, high: int, default: int | None = None) -> int | None:
+    if key not in args:
+        return default
+    value = args[key]
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"{key}={value}: expected an integer in [{low}, {high}]") from None
+    if not low <= number <= high:
+        raise UsageError(f"{key}={value}: expected an integer in [{low}, {high}]")
+    return number
+
+
+def _float(args: dict[str, str], key: str, low: float, high: float) -> float | None:
+    if key not in args:
+        return None
+    value = args[key]
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"{key}={value}: expected a number in [{low:g}, {high:g}]") from None
+    if not (low <= number <= high):  # also refuses nan
+        raise UsageError(f"{key}={value}: expected a number in [{low:g}, {high:g}]")
+    return number
+
+
+def _bool(args: dict[str, str], key: str) -> bool | None:
+    if key not in args:
+        return None
+    value = args[key].lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise UsageError(f"{key}={args[key]}: expected true or false")
+
+
 def load_image(path: str, height: int, width: int) -> torch.Tensor:
     """Image file -> [1, 3, H, W] in [-1, 1]: resize the short side to fit, then centre crop."""
+    from PIL import Image, UnidentifiedImageError
+
     if not Path(path).is_file():
         raise UsageError(f"image={path}: no such file")
-    image = Image.open(path).convert("RGB")
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UsageError(f"image={path}: not a readable image ({type(err).__name__})") from None
     scale = max(width / image.width, height / image.height)
     image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                          Image.BICUBIC)
@@ -82,101 +126,96 @@ def load_image(path: str, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
 
 
-def _bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes"):
-        return True
-    if value.lower() in ("0", "false", "no"):
-        return False
-    raise UsageError(f"expected true/false, got {value!r}")
+def check_output(path: str, overwrite: bool) -> Path:
+    """The ``out`` path, refused before any work if it exists (unless ``overwrite``) or cannot be created."""
+    out = Path(path)
+    if out.suffix.lower() != ".mp4":
+        raise UsageError(f"out={path}: the output must be an .mp4 file")
+    if out.is_dir():
+        raise UsageError(f"out={path}: is a directory")
+    if out.exists() and not overwrite:
+        raise UsageError(f"out={path}: file exists (pass overwrite=true to replace it)")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"out={path}: {parent} is a file, not a directory")
+    return out
 
 
-def load_stage(checkpoint: str | Path, ema: bool | None = None):
-    """Rebuild the training stage of a vgen checkpoint (UNet weights loaded; EMA weights by default when saved).
+def load_pipeline(checkpoint: str, ema: bool | None, key: str = "checkpoint"):
+    from vgen.pipeline import PipelineError, VideoPipeline
 
-    ``checkpoint`` is a ``.ckpt`` file or a sharded DeepSpeed / FSDP2 checkpoint directory, consolidated in this
-    process by the loader of ``vgen.checkpoint export``. Returns ``(stage, config)``; the frozen encoders come
-    from the config (their own weights files).
-    """
+    if not Path(checkpoint).exists():
+        raise UsageError(f"{key}={checkpoint}: no such file or directory")
     try:
-        weights, meta = load_unet_weights(checkpoint, ema=ema is not False)
-    except KeyError:  # no EMA weights saved (stage.ema.enabled=false)
-        if ema:
-            raise
-        weights, meta = load_unet_weights(checkpoint, ema=False)
-    cfg = meta.get("vgen_config")
-    if cfg is None:
-        raise UsageError(f"{checkpoint} has no vgen_config (not written by vgen.train)")
-    stage = instantiate(cfg["stage"])
-    stage.unet.load_state_dict(weights, strict=True)
-    return stage.eval(), cfg
+        return VideoPipeline.from_checkpoint(checkpoint, ema=ema)
+    except PipelineError as err:
+        raise UsageError(f"{key}={checkpoint}: {err}") from None
 
 
 def sample(args: dict[str, str]) -> Path:
-    upscale = _positive_int(args.get("upscale", "1"), "upscale")
-    if upscale > 64:
-        raise UsageError(f"upscale={upscale}: at most 64 (nearest-neighbour enlargement for viewing)")
-    stage, cfg = load_stage(args["checkpoint"], _bool(args["ema"]) if "ema" in args else None)
-    data, shown = cfg.get("data", {}), cfg.get("callbacks", {}).get("sample_videos") or {}
-    width, height = (data.get("resolution") or [shown.get("width", 32), shown.get("height", 32)])
-    height, width = int(args.get("height", height)), int(args.get("width", width))
-    num_frames = int(args.get("num_frames", data.get("num_frames", 8)))
-    fps = int(args.get("fps", data.get("sample_fps", 8)))
-    images = load_image(args["image"], height, width) if "image" in args else None
-    if stage.image_conditioned and images is None:
-        raise UsageError("this checkpoint is an image-to-video model: pass image=<png/jpg>")
-    samplers = getattr(stage, "SAMPLERS", ("ddim",))
-    sampler = args.get("sampler", samplers[0])
-    if sampler not in samplers:
-        raise UsageError(f"sampler={sampler} is not available for this checkpoint ({type(stage).__name__}); "
-                         f"valid choices: {', '.join(samplers)}")
-    if sampler == "lcm" and "guidance" in args:
+    from vgen.pipeline import PipelineError
+
+    upscale = _int(args, "upscale", 1, 64, default=1)  # nearest-neighbour enlargement for viewing
+    out = check_output(args["out"], bool(_bool(args, "overwrite")))
+    num_frames = _int(args, "num_frames", 1, MAX_FRAMES)
+    height, width = _int(args, "height", 1, MAX_SIZE), _int(args, "width", 1, MAX_SIZE)
+    fps = _int(args, "fps", 1, 1000)
+    seed = _int(args, "seed", 0, 2**63 - 1, default=0)
+    guidance = _float(args, "guidance", 0.0, 1e4)
+    ema = _bool(args, "ema")
+    pipe = load_pipeline(args["checkpoint"], ema)
+    sampler = args.get("sampler", pipe.sampler)
+    if sampler not in pipe.samplers:
+        raise UsageError(f"sampler={sampler}: not available for this checkpoint; valid choices: "
+                         f"{', '.join(pipe.samplers)}")
+    if sampler == "lcm" and guidance is not None:
         raise UsageError("guidance does not apply to sampler=lcm (consistency sampling uses no CFG)")
-    extra = {"sampler": sampler} if "sampler" in args else {}
-    video = stage.generate([args["prompt"]], num_frames=num_frames, height=height, width=width, **extra,
-                           steps=int(args["steps"]) if "steps" in args else None,
-                           guidance=float(args["guidance"]) if "guidance" in args else None,
-                           seed=int(args.get("seed", 0)), negative_prompt=args.get("negative_prompt"),
-                           images=images, fps=fps)
-    if "refiner" in args:
-        video = refine(video, args)
-    return write_mp4(upscale_frames(to_uint8_frames(video[0]), upscale), args["out"], fps=fps)
-
-
-def upscale_frames(frames: np.ndarray, factor: int) -> np.ndarray:
-    """[F, H, W, C] -> [F, H * factor, W * factor, C]: each pixel becomes a ``factor`` x ``factor`` block."""
-    return frames.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else frames
-
-
-def _positive_int(value: str, key: str) -> int:
+    max_steps = (pipe.lcm.solver_steps if sampler == "lcm" else pipe.diffusion.param.num_timesteps)
+    steps = _int(args, "steps", 1, max_steps)
+    height, width = height or pipe.defaults["height"], width or pipe.defaults["width"]
+    fps = fps or pipe.defaults["fps"]
+    images = None
+    if "image" in args:
+        if not pipe.uses_reference:
+            raise UsageError(f"image={args['image']}: this checkpoint is a text-to-video model (no condition reads "
+                             "an image); drop image=")
+        images = load_image(args["image"], height, width)
+    elif pipe.needs_reference:
+        raise UsageError("this checkpoint is an image-to-video model: pass image=<png/jpg>")
     try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise UsageError(f"{key}={value}: expected a positive integer")
-    return number
+        video = pipe([args["prompt"]], num_frames=num_frames, height=height, width=width, steps=steps,
+                     guidance=guidance, seed=seed, negative_prompt=args.get("negative_prompt"), images=images,
+                     fps=fps, sampler=sampler)
+        if "refiner" in args:
+            video = refine(video, args, ema)
+    except PipelineError as err:
+        raise UsageError(str(err)) from None
+    return pipe.save(video, out, fps=fps, upscale=upscale)
 
 
-def refine(video: torch.Tensor, args: dict[str, str]) -> torch.Tensor:
+def refine(video: torch.Tensor, args: dict[str, str], ema: bool | None) -> torch.Tensor:
     """The cascade's second stage: ``video`` through the refinement model of ``args["refiner"]``."""
-    refiner, cfg = load_stage(args["refiner"], _bool(args["ema"]) if "ema" in args else None)
-    if not hasattr(refiner, "refine"):
-        raise UsageError(f"refiner={args['refiner']} is a {type(refiner).__name__} checkpoint, not a refinement model "
-                         "(train one with experiment=i2vgen_refine)")
-    width, height = cfg.get("data", {}).get("resolution") or video.shape[-1:-3:-1]
-    steps = args.get("refine_steps", cfg.get("diffusion", {}).get("ddim_steps", 30))
+    refiner = load_pipeline(args["refiner"], ema, key="refiner")
+    if refiner.noise_levels is None:
+        raise UsageError(f"refiner={args['refiner']} is not a refinement-model checkpoint (train one with "
+                         "experiment=i2vgen_refine)")
+    total = refiner.diffusion.param.num_timesteps
+    levels = _int(args, "refine_noise_levels", 1, total)
+    steps = _int(args, "refine_steps", 1, levels or refiner.noise_levels)
     return refiner.refine(video, [args.get("refine_prompt", args["prompt"])],
-                          height=int(args.get("refine_height", height)), width=int(args.get("refine_width", width)),
-                          steps=int(steps), noise_levels=int(args["refine_noise_levels"])
-                          if "refine_noise_levels" in args else None,
-                          negative_prompt=args.get("negative_prompt"), seed=int(args.get("seed", 0)))
+                          height=_int(args, "refine_height", 1, MAX_SIZE), width=_int(args, "refine_width", 1, MAX_SIZE),
+                          steps=steps, noise_levels=levels, negative_prompt=args.get("negative_prompt"),
+                          seed=_int(args, "seed", 0, 2**63 - 1, default=0))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vgen.checkpoint.safe_load import CheckpointError
+
     try:
         path = sample(parse_args(sys.argv[1:] if argv is None else argv))
-    except (UsageError, FileNotFoundError, KeyError) as err:
-        print(f"vgen.sample: error: {err}", file=sys.stderr)
+    except (UsageError, FileNotFoundError, KeyError, CheckpointError) as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"vgen.sample: error: {message.strip().splitlines()[0]}", file=sys.stderr)
         return 2
     print(path)
     return 0

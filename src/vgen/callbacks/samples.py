@@ -66,7 +66,9 @@ class SampleVideos(L.Callback):
         self._last_step = step
         if not self.prompts:
             return
-        videos = pl_module.generate(self.prompts, images=self._images, **self.kwargs)  # on every rank
+        from vgen.pipeline import VideoPipeline
+
+        videos = VideoPipeline.from_stage(pl_module)(self.prompts, images=self._images, **self.kwargs)  # every rank
         if not trainer.is_global_zero:
             return
         paths = [write_mp4(to_uint8_frames(v), self.output_dir / f"step_{step:07d}_{i}.mp4", fps=self.fps)

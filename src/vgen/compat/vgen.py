@@ -23,18 +23,20 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from vgen.models.conditions import original_names
 from vgen.models.lora import ATTENTION_TARGETS, apply_lora
 from vgen.models.unet3d import UNet3D, UNet3DConfig
 
 log = logging.getLogger(__name__)
 
-# Our module path prefix -> the original's. Applied in order, first match wins; the rest of the key is kept.
-_PREFIX_RULES: tuple[tuple[str, str], ...] = (
-    ("image_tokens.mlp.", "context_embedding."),
-    ("fps_embed.", "fps_embedding."),
-    ("first_frame.concat_encoder.", "local_image_concat."),
-    ("first_frame.temporal_encoder.", "local_temporal_encoder."),
-    ("first_frame.token_encoder.", "local_image_embedding."),
+# Top-level modules of the original classes, in the order they register them (every class's order is a subsequence).
+_ORIGINAL_ORDER = (
+    "time_embed", "pre_image_condition", "context_embedding", "asim_embedding", "msim_embedding", "img_embedding",
+    "fps_embedding", "depth_embedding", "depth_embedding_after", "motion_embedding", "motion_embedding_after",
+    "canny_embedding", "canny_embedding_after", "masked_embedding", "mask_embedding_after", "sketch_embedding",
+    "sketch_embedding_after", "single_sketch_embedding", "single_sketch_embedding_after", "local_image_concat",
+    "local_temporal_encoder", "local_image_embedding", "local_image_embedding_after", "hist_context_embedding",
+    "input_blocks", "middle_block", "output_blocks", "out",
 )
 # Inner renames (the original's spelling is kept in its checkpoints).
 _INNER_RULES: tuple[tuple[str, str], ...] = (
@@ -80,6 +82,27 @@ _INERT_FORWARD_ARGS = {
 
 
 _T2V_CLASSES = ("UNetSD_T2VBase", "UNetSD_LoRA")
+# Original forward argument -> the condition it feeds.
+_ARGUMENT_CONDITIONS = {"y": "text", "image": "image", "local_image": "first_frame", "fps": "fps"}
+
+
+_TEXT = {"_target_": "vgen.models.conditions.TextTokens"}
+
+
+def _conditions(class_name: str, kw: Mapping) -> dict:
+    """The ``conditions`` of the vgen UNet equivalent to ``class_name`` built with ``kw``."""
+    conditions = {"text": dict(_TEXT)}
+    if class_name == "UNetSD_I2VGen":  # context order: text, 64 local tokens, image tokens; fps always used
+        conditions["first_frame"] = {"_target_": "vgen.models.conditions.FirstFrame",
+                                     "encoder_depth": kw["adapter_transformer_layers"]}
+        conditions["image"] = {"_target_": "vgen.models.conditions.ImageTokens", "num_tokens": kw["num_tokens"],
+                               "stills": "zeros"}
+        conditions["fps"] = {"_target_": "vgen.models.conditions.ScalarEmbedding", "required": True,
+                             "original_names": {"mlp.": "fps_embedding."}}
+    elif class_name in _T2V_CLASSES and kw["use_fps_condition"]:
+        conditions["fps"] = {"_target_": "vgen.models.conditions.ScalarEmbedding",
+                             "original_names": {"mlp.": "fps_embedding."}}
+    return conditions
 
 
 def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> UNet3DConfig:
@@ -96,7 +119,6 @@ def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> U
         raise ValueError("use_image_dataset=True (temporal branches multiplied by zero) is not supported: no "
                          "released VGen config uses it")
     dim = kw["dim"]
-    i2vgen = class_name == "UNetSD_I2VGen"
     return UNet3DConfig(
         in_channels=kw["in_dim"],
         out_channels=kw["out_dim"],
@@ -109,11 +131,8 @@ def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> U
         context_dim=kw["context_dim"],
         temporal_attention=kw["temporal_attention"],
         dropout=kw["dropout"],
-        fps_condition=i2vgen or (class_name in _T2V_CLASSES and bool(kw["use_fps_condition"])),
-        image_tokens=kw["num_tokens"] if i2vgen else 0,
         image_dim=kw["y_dim"],
-        first_frame_condition=i2vgen,
-        first_frame_encoder_depth=kw["adapter_transformer_layers"],
+        conditions=_conditions(class_name, kw),
         resample="sr600" if class_name == "UNetSD_SR600" else "standard",
         skip_filters=((1.1, 0.6), (1.2, 0.4)) if class_name == "UNetSD_SR600" else (),
         gradient_checkpointing=False,
@@ -133,8 +152,15 @@ def build_unet(class_name: str, constructor_kwargs: Mapping) -> UNet3D:
     return model
 
 
-def to_original_key(key: str) -> str:
-    for ours, theirs in _PREFIX_RULES:
+def _prefix_rules(model: nn.Module) -> list[tuple[str, str]]:
+    """(our key prefix, original key prefix) of ``model``'s condition modules (:attr:`Condition.original_names`)."""
+    conditions = getattr(model, "conditions", None)
+    return list(original_names(conditions).items()) if conditions is not None else []
+
+
+def to_original_key(key: str, rules: list[tuple[str, str]] = ()) -> str:
+    """Our state-dict key -> the original's, given the model's condition prefix ``rules`` (:func:`_prefix_rules`)."""
+    for ours, theirs in rules:
         if key.startswith(ours):
             key = theirs + key[len(ours):]
             break
@@ -143,19 +169,15 @@ def to_original_key(key: str) -> str:
     return key
 
 
-def from_original_key(key: str) -> str:
-    for theirs, ours in ((t, o) for o, t in _PREFIX_RULES):
-        if key.startswith(theirs):
-            key = ours + key[len(theirs):]
-            break
-    for ours, theirs in _INNER_RULES:
-        key = key.replace(theirs, ours)
-    return key
-
-
 def original_key_map(model: nn.Module) -> dict[str, str]:
     """``{our state-dict key: the original VGen key}`` for every entry of ``model.state_dict()``."""
-    return {key: to_original_key(key) for key in model.state_dict()}
+    rules = _prefix_rules(model)
+    return {key: to_original_key(key, rules) for key in model.state_dict()}
+
+
+def _original_rank(key: str) -> int:
+    top = key.split(".", 1)[0]
+    return _ORIGINAL_ORDER.index(top) if top in _ORIGINAL_ORDER else len(_ORIGINAL_ORDER)
 
 
 def _original_order(keys: list[str]) -> list[str]:
@@ -179,8 +201,11 @@ def _original_order(keys: list[str]) -> list[str]:
 
 
 def state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """The model's weights under the original key names (same shapes, same order)."""
-    renamed = OrderedDict((to_original_key(k), v) for k, v in model.state_dict().items())
+    """The model's weights under the original key names (same shapes, and the original's order)."""
+    names = original_key_map(model)
+    renamed = [(names[k], v) for k, v in model.state_dict().items()]
+    renamed.sort(key=lambda item: _original_rank(item[0]))  # stable: module order within each top-level module
+    renamed = OrderedDict(renamed)
     return OrderedDict((k, renamed[k]) for k in _original_order(list(renamed)))
 
 
@@ -212,7 +237,8 @@ def load_state_dict(model: nn.Module, original_state_dict: Mapping[str, torch.Te
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
         raise KeyError("\n".join(lines))
-    model.load_state_dict(OrderedDict((from_original_key(k), v) for k, v in given.items()), strict=True)
+    ours = {theirs: key for key, theirs in original_key_map(model).items()}
+    model.load_state_dict(OrderedDict((ours[k], v) for k, v in given.items()), strict=True)
 
 
 def forward(model: UNet3D, x: torch.Tensor, t: torch.Tensor, **original_inputs) -> torch.Tensor:
@@ -224,10 +250,9 @@ def forward(model: UNet3D, x: torch.Tensor, t: torch.Tensor, **original_inputs) 
     unknown = sorted(set(original_inputs) - set(used) - set(inert))
     if unknown:
         raise TypeError(f"{class_name}.forward got unexpected arguments {unknown}; accepted: {list(used + inert)}")
-    inputs = {k: v for k, v in original_inputs.items() if k in used}
-    if class_name in _T2V_CLASSES and not model.config.fps_condition:
-        inputs.pop("fps", None)
-    return model(
-        x, t, text=inputs.get("y"), image=inputs.get("image"), first_frame=inputs.get("local_image"),
-        fps=inputs.get("fps"),
-    )
+    conditions = {}
+    for argument, value in original_inputs.items():
+        name = _ARGUMENT_CONDITIONS.get(argument)
+        if value is not None and name in model.conditions:  # e.g. fps without use_fps_condition is ignored
+            conditions[name] = value
+    return model(x, t, conditions)

@@ -5,7 +5,7 @@ from vgen.diffusion.embedding import sinusoidal_embedding
 from vgen.diffusion.lcm import boundary_scalings, consistency_distillation_loss, lcm_sample, lcm_timesteps
 from vgen.diffusion.loss import diffusion_loss, frame_noise, sample_timesteps, training_noise
 from vgen.diffusion.parameterization import PREDICTIONS, Parameterization
-from vgen.diffusion.samplers import ddim_invert, ddim_sample, guided_output
+from vgen.diffusion.samplers import ddim_invert, ddim_sample, ddim_step, denoise_from, guided_output, sdedit_timesteps
 from vgen.diffusion.schedules import (
     BETA_SCHEDULES,
     NoiseSchedule,
@@ -29,6 +29,8 @@ __all__ = [
     "cosine_sigmas",
     "ddim_invert",
     "ddim_sample",
+    "ddim_step",
+    "denoise_from",
     "ddim_timesteps",
     "diffusion_loss",
     "frame_noise",
@@ -38,6 +40,7 @@ __all__ = [
     "logsnr_cosine_interp_sigmas",
     "rescale_zero_terminal_snr",
     "sample_timesteps",
+    "sdedit_timesteps",
     "sinusoidal_embedding",
     "training_noise",
 ]

@@ -19,7 +19,7 @@ import torch
 
 from vgen.diffusion.loss import Denoiser, frame_noise
 from vgen.diffusion.parameterization import Parameterization
-from vgen.diffusion.samplers import guided_output
+from vgen.diffusion.samplers import ddim_step, guided_output
 
 DISTANCES = ("huber", "l2")
 StepCallback = Callable[[dict[str, Any]], None]
@@ -101,8 +101,7 @@ def ddim_solver_step(
     use_cfg = uncond is not None and guidance != 0.0
     output = guided_output(teacher, x_t, t, cond, uncond if use_cfg else None, 1.0 + guidance, batch_cfg)
     x0, eps = x0_and_eps(param, output, x_t, t)
-    alpha_prev, sigma_prev = param.schedule.scalings(t_prev, x_t)
-    return alpha_prev * x0 + sigma_prev * eps
+    return ddim_step(param, x0, eps, t_prev)
 
 
 def distance(prediction: torch.Tensor, target: torch.Tensor, kind: str = "huber", huber_c: float = 0.001):
@@ -217,8 +216,7 @@ def lcm_sample(
             if eta < 1:
                 alpha_t, sigma_t = param.schedule.scalings(t, x)
                 noise = noise + (1 - eta**2) ** 0.5 * (x - alpha_t * denoised) / sigma_t
-            alpha, sigma = param.schedule.scalings(torch.full_like(t, timesteps[i + 1]), x)
-            x = alpha * denoised + sigma * noise
+            x = ddim_step(param, denoised, noise, torch.full_like(t, timesteps[i + 1]))
         else:
             x = denoised
         if callback is not None:

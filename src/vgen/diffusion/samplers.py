@@ -1,14 +1,23 @@
-"""DDIM sampling and inversion as pure functions of (model, x, parameterisation, conditions).
+"""Samplers as pure functions of (model, x, parameterisation, conditions), around one DDIM update, :func:`ddim_step`.
 
-The model is called as ``model(x, t, **kwargs)`` with ``t`` int64 [B] and returns its raw output (eps, v or
-x0, per ``param.prediction``). Conditions are dicts of model kwargs; in VGen the "unconditional" dict holds
-the negative-prompt embedding. Nothing here disables autograd: wrap calls in ``torch.no_grad()`` for plain
-inference, or leave it on to backpropagate through sampling steps (reward fine-tuning).
+The model is called as ``model(x, t, **kwargs)`` with ``t`` int64 [B] and returns its raw output (eps, v or x0,
+per ``param.prediction``). Conditions are dicts of model kwargs (:func:`vgen.models.conditions.classifier_free.
+guidance_pair` builds the unconditional one). Nothing here disables autograd: wrap calls in ``torch.no_grad()``
+for plain inference, or leave it on to backpropagate through sampling steps (reward fine-tuning).
+
+* :func:`ddim_sample` -- DDIM from pure noise (+ classifier-free guidance, eta), VGen's ``ddim_sample_loop``;
+* :func:`ddim_invert` -- deterministic DDIM inversion, clean latent -> noisy latent;
+* :func:`denoise_from` -- deterministic DDIM over any decreasing timesteps from a partly noised latent (SDEdit
+  refinement, the reward-fine-tuning chain); :func:`sdedit_timesteps` gives the refiner's;
+* :func:`vgen.diffusion.lcm.lcm_sample` -- multistep consistency sampling, whose re-noising is a DDIM step too.
+
+The registry ``vgen.sample sampler=`` chooses from is :data:`vgen.pipeline.SAMPLERS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +27,37 @@ from vgen.diffusion.parameterization import Parameterization
 from vgen.diffusion.schedules import ddim_timesteps
 
 StepCallback = Callable[[dict[str, Any]], None]
+
+
+def ddim_step(
+    param: Parameterization,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t_to: torch.Tensor,
+    *,
+    t_from: torch.Tensor | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    frame_correlation: float = 0.0,
+) -> torch.Tensor:
+    """The DDIM update: the point at level ``t_to`` of the trajectory through (``x0``, ``eps``).
+
+    ``x_to = sqrt(ab_to) x0 + sqrt(1 - ab_to - s^2) eps + s z`` with ``s = eta sqrt((1 - ab_to) / (1 - ab_from)
+    (1 - ab_from / ab_to))`` (``t_from`` is the current level; needed only for ``eta > 0``; no fresh noise is
+    added on the step from level 0). ``t_to`` above the current level walks up the trajectory (inversion);
+    ``eps`` may be any noise (LCM's re-noising). The fresh noise ``z`` has the recipe's ``frame_correlation``.
+    """
+    alpha, sigma = param.schedule.scalings(t_to, x0)
+    if not eta:
+        return alpha * x0 + sigma * eps
+    if t_from is None:
+        raise ValueError("ddim_step with eta > 0 needs t_from (the current level)")
+    ab_from, ab_to = param.schedule.alpha_bar(t_from, x0), param.schedule.alpha_bar(t_to, x0)
+    s = eta * ((1 - ab_to) / (1 - ab_from) * (1 - ab_from / ab_to)).sqrt()
+    x = alpha * x0 + (1 - ab_to - s**2).sqrt() * eps
+    noise = frame_noise(x0.shape, frame_correlation, generator, x0.dtype, x0.device)
+    not_last = (t_from != 0).to(x0.dtype).view_as(s)
+    return x + not_last * s * noise
 
 
 def guided_output(
@@ -31,8 +71,8 @@ def guided_output(
 ) -> torch.Tensor:
     """Classifier-free guidance on the raw output: ``u + s * (c - u)``; cond only when ``uncond`` is None.
 
-    ``batch_cfg`` runs cond and uncond in one call on a doubled batch (tensor kwargs are concatenated along
-    dim 0; any other kwarg must be equal in both dicts).
+    ``batch_cfg`` runs cond and uncond in one call on a doubled batch (tensor kwargs, also inside nested dicts
+    such as ``keep``, are concatenated along dim 0; any other kwarg must be equal in both dicts).
     """
     if uncond is None:
         return model(x, t, **cond)
@@ -53,11 +93,20 @@ def _concat_kwargs(cond: dict[str, Any], uncond: dict[str, Any]) -> dict[str, An
     for key, value in cond.items():
         if isinstance(value, torch.Tensor):
             merged[key] = torch.cat([value, uncond[key]])
+        elif isinstance(value, dict):
+            merged[key] = _concat_kwargs(value, uncond[key])
         elif value == uncond[key]:
             merged[key] = value
         else:
             raise ValueError(f"batch_cfg: non-tensor kwarg {key!r} differs between cond and uncond")
     return merged
+
+
+def _denoised(model, param: Parameterization, x, t, cond, uncond, guidance_scale, batch_cfg):
+    """(x0, eps) of the guided model output at (x, t), eps re-derived from x0 as the original sampler does."""
+    output = guided_output(model, x, t, cond or {}, uncond, guidance_scale, batch_cfg)
+    x0 = param.predict_x0(output, x, t)
+    return x0, param.eps_from_x0(x0, x, t), output
 
 
 def ddim_sample(
@@ -77,48 +126,48 @@ def ddim_sample(
 ) -> torch.Tensor:
     """DDIM from pure noise ``x_T`` over ``ddim_timesteps(T, steps)`` (VGen ``ddim_sample_loop``).
 
-    Each step: guided output -> x0 -> eps re-derived from x0 -> x_prev = sqrt(ab_prev) x0 +
-    sqrt(1 - ab_prev - s^2) eps + s z, with s = eta sqrt((1 - ab_prev)/(1 - ab_t) (1 - ab_t/ab_prev)).
-    The previous timestep is clamped at 0, so the last step lands on ab_0 (not 1) like the original and the
-    result keeps a sqrt(1 - ab_0) eps component. ``callback`` gets {"i", "t", "x", "x0"} after every step,
-    ``x`` being the new x_prev. With ``eta > 0`` the fresh noise z has the model's ``frame_correlation``
-    (:func:`vgen.diffusion.loss.frame_noise`).
+    Each step: guided output -> x0 -> eps re-derived from x0 -> :func:`ddim_step` to the previous level, clamped
+    at 0, so the last step lands on ab_0 (not 1) like the original and the result keeps a sqrt(1 - ab_0) eps
+    component. ``callback`` gets {"i", "t", "x", "x0"} after every step, ``x`` being the new x_prev.
     """
-    num_timesteps = param.num_timesteps
-    stride = num_timesteps // steps
+    stride = param.num_timesteps // steps
     x = x_T
-    for i, step in enumerate(ddim_timesteps(num_timesteps, steps).tolist()):
+    for i, step in enumerate(ddim_timesteps(param.num_timesteps, steps).tolist()):
         t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
-        t_prev = (t - stride).clamp(min=0)
-        output = guided_output(model, x, t, cond or {}, uncond, guidance_scale, batch_cfg)
-        x0 = param.predict_x0(output, x, t)
-        eps = param.eps_from_x0(x0, x, t)
-        x = _ddim_update(param, x, x0, eps, t, t_prev, eta, generator, frame_correlation)
+        x0, eps, _ = _denoised(model, param, x, t, cond, uncond, guidance_scale, batch_cfg)
+        x = ddim_step(param, x0, eps, (t - stride).clamp(min=0), t_from=t, eta=eta, generator=generator,
+                      frame_correlation=frame_correlation)
         if callback is not None:
             callback({"i": i, "t": step, "x": x, "x0": x0})
     return x
 
 
-def _ddim_update(
-    param: Parameterization,
+def denoise_from(
+    model: Denoiser,
     x: torch.Tensor,
-    x0: torch.Tensor,
-    eps: torch.Tensor,
-    t: torch.Tensor,
-    t_prev: torch.Tensor,
-    eta: float,
-    generator: torch.Generator | None,
-    frame_correlation: float = 0.0,
+    param: Parameterization,
+    timesteps: Sequence[int],
+    *,
+    cond: dict[str, Any] | None = None,
+    uncond: dict[str, Any] | None = None,
+    guidance_scale: float = 1.0,
+    batch_cfg: bool = False,
 ) -> torch.Tensor:
-    ab = param.schedule.alpha_bar(t, x)
-    ab_prev = param.schedule.alpha_bar(t_prev, x)
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).sqrt() * eps
-    if eta:
-        noise = frame_noise(x.shape, frame_correlation, generator, x.dtype, x.device)
-        not_last = (t != 0).to(x.dtype).view_as(sigma)
-        x_prev = x_prev + not_last * sigma * noise
-    return x_prev
+    """Deterministic DDIM from ``x`` at level ``timesteps[0]`` through the rest (any decreasing levels; a last
+    level of -1 returns the x0 prediction of the step before it, with no leftover noise)."""
+    for t_now, t_next in itertools.pairwise(timesteps):
+        t = torch.full((x.shape[0],), t_now, dtype=torch.long, device=x.device)
+        x0, eps, _ = _denoised(model, param, x, t, cond, uncond, guidance_scale, batch_cfg)
+        x = x0 if t_next < 0 else ddim_step(param, x0, eps, torch.full_like(t, t_next))
+    return x
+
+
+def sdedit_timesteps(noise_levels: int, steps: int) -> list[int]:
+    """``steps`` decreasing timesteps from ``noise_levels - 1`` (evenly spaced, distinct), then -1 (= clean)."""
+    if not 1 <= steps <= noise_levels:
+        raise ValueError(f"refine steps must be in [1, {noise_levels}], got {steps}")
+    start = noise_levels - 1
+    return [round(start - i * start / steps) for i in range(steps)] + [-1]
 
 
 def ddim_invert(
@@ -140,9 +189,6 @@ def ddim_invert(
     x = x0
     for step in range(0, num_levels, stride):
         t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
-        t_next = (t + stride).clamp(max=num_levels - 1)
-        x0_pred = param.predict_x0(model(x, t, **(model_kwargs or {})), x, t)
-        eps = param.eps_from_x0(x0_pred, x, t)
-        alpha_next, sigma_next = param.schedule.scalings(t_next, x)
-        x = alpha_next * x0_pred + sigma_next * eps
+        x0_pred, eps, _ = _denoised(model, param, x, t, model_kwargs, None, 1.0, False)
+        x = ddim_step(param, x0_pred, eps, (t + stride).clamp(max=num_levels - 1))
     return x

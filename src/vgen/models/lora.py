@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgen.models.adapters import Adapter
+
 # q, k, v and output projections of every attention (spatial self/cross, temporal) of the UNet3D.
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_FORMAT = "vgen-lora"
@@ -273,3 +275,42 @@ def load_lora(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: LoRA rank/alpha {saved} differ from the model's adapters "
                          f"({config['rank']}, {config['alpha']})")
     load_lora_state_dict(model, state, str(path))
+
+
+# ---------------------------------------------------------------------------------------------- the adapter
+class LoRA(Adapter):
+    """LoRA as an :class:`vgen.models.adapters.Adapter`: ``rank``, ``alpha`` (None = scale 1, InstructVideo),
+    ``targets`` (module-name patterns, as :func:`apply_lora`), ``weights`` (a :func:`save_lora` file to start from).
+    """
+
+    markers = (".lora_down.", ".lora_up.", "_lora.")
+
+    def __init__(self, rank: int = 4, alpha: float | None = None, targets: Sequence[str] | str = ATTENTION_TARGETS,
+                 weights: str | None = None):
+        self.rank, self.alpha = rank, alpha
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        self.weights = weights
+
+    def apply(self, unet: nn.Module) -> list[str]:
+        modules = apply_lora(unet, self.rank, self.alpha, self.targets)
+        if self.weights is not None:
+            load_lora(unet, self.weights)
+        return modules
+
+    def parameter_names(self, unet: nn.Module) -> list[str]:
+        return lora_parameter_names(unet)
+
+    def config(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+    def merge(self, unet: nn.Module) -> None:
+        merge_lora(unet)
+
+    def disabled(self, unet: nn.Module):
+        return lora_disabled(unet)
+
+    def unmerge(self, unet: nn.Module) -> None:
+        unmerge_lora(unet)
+
+    def load_weights(self, unet: nn.Module, path: str | Path) -> None:
+        load_lora(unet, path)

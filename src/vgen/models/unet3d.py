@@ -1,14 +1,18 @@
 """The VGen / ModelScope 3D UNet (Stable-Diffusion-2.1 layout with temporal layers), one implementation for all
-variants. Condition pathways (fps, CLIP image tokens, I2VGen first-frame) and the SR600 refinement quirks are
-switched on by config, not by copying the network.
+variants. Conditioning inputs are :class:`vgen.models.conditions.Condition` modules built from config
+(``conditions``: text tokens, CLIP image tokens, the I2VGen-XL first frame, fps, ...); the SR600 refinement quirks
+are switched on by config too, not by copying the network.
 
-Input ``x`` is a latent video ``[B, C, F, H, W]``; ``t`` is ``[B]`` integer timesteps; ``text`` is the
-cross-attention token sequence ``[B, L, context_dim]``. Output has the shape of ``x`` with ``out_channels``.
+Input ``x`` is a latent video ``[B, C, F, H, W]``; ``t`` is ``[B]`` integer timesteps; the conditions come as a
+mapping (or keywords) by name, e.g. ``unet(x, t, {"text": tokens})`` or ``unet(x, t, text=tokens)``. Output has
+the shape of ``x`` with ``out_channels``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import copy
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -25,11 +29,39 @@ from vgen.models.blocks import (
     fold_frames,
     unfold_frames,
 )
-from vgen.models.conditions import EmbeddingMLP, FirstFrameCondition, ImageTokens, TextPooling
+from vgen.models.conditions import Condition, ConditionError, EmbeddingMLP, TextPooling, UNetDims, build_condition
+from vgen.models.conditions.standard import sinusoid_for
 from vgen.models.fourier import fourier_filter
 
 RESAMPLE_MODES = ("standard", "sr600")
 TEMPORAL_POSITIONS = ("none", "sinusoidal")
+TEXT_CONDITION = {"_target_": "vgen.models.conditions.TextTokens"}
+# UNet3DConfig keys of vgen before the condition registry -> their condition (old run configs still build).
+LEGACY_CONDITION_KEYS = ("fps_condition", "image_tokens", "image_token_hidden", "first_frame_condition",
+                         "first_frame_encoder_depth")
+# Parameter prefixes of those versions -> where the same tensors live now (old checkpoints still load).
+LEGACY_KEY_PREFIXES = (("image_tokens.mlp.", "conditions.image.mlp."), ("fps_embed.", "conditions.fps.mlp."),
+                       ("first_frame.", "conditions.first_frame."))
+
+
+def legacy_conditions(values: Mapping) -> dict:
+    """The ``conditions`` equivalent of the pre-registry condition switches in ``values`` (a UNet3DConfig dict)."""
+    conditions = {"text": dict(TEXT_CONDITION)}
+    if values.get("first_frame_condition"):
+        conditions["first_frame"] = {"_target_": "vgen.models.conditions.FirstFrame",
+                                     "encoder_depth": values.get("first_frame_encoder_depth", 1)}
+    if values.get("image_tokens"):
+        conditions["image"] = {"_target_": "vgen.models.conditions.ImageTokens", "num_tokens": values["image_tokens"],
+                               "hidden_dim": values.get("image_token_hidden", 0)}
+        if values.get("first_frame_condition"):
+            conditions["image"]["stills"] = "zeros"
+        elif values.get("concat_channels"):
+            conditions["image"]["original_names"] = {"mlp.": "pre_image_condition."}
+    if values.get("fps_condition"):
+        conditions["fps"] = {"_target_": "vgen.models.conditions.ScalarEmbedding",
+                             "required": bool(values.get("first_frame_condition")),
+                             "original_names": {"mlp.": "fps_embedding."}}
+    return conditions
 
 
 @dataclass
@@ -50,13 +82,9 @@ class UNet3DConfig:
     scale_shift_norm: bool = False  # ResBlocks apply the embedding as FiLM after their 2nd GroupNorm (not in VGen)
     frame_embedding: bool = False  # add an MLP of sinusoid(frame index) to each frame's embedding (not in VGen)
     dropout: float = 0.1  # ResBlock dropout (temporal convs always use 0.1)
-    fps_condition: bool = False  # add an MLP of sinusoid(fps) to the timestep embedding
-    image_tokens: int = 0  # CLIP image embedding -> this many context tokens (0 = off)
-    image_dim: int = 1024  # width of the CLIP image embedding
-    image_token_hidden: int = 0  # hidden width of the image-token MLP (0 = 4 * model_channels; TF-T2V: 1024)
-    concat_channels: int = 0  # extra input channels fed zeros (TF-T2V's 8 unused VideoComposer condition channels)
-    first_frame_condition: bool = False  # I2VGen-XL first-frame latent concat + 64 local tokens
-    first_frame_encoder_depth: int = 1  # layers of the first-frame temporal encoder
+    image_dim: int = 1024  # width of image-encoder (CLIP) embeddings, for the conditions that read them
+    conditions: dict = field(default_factory=lambda: {"text": dict(TEXT_CONDITION)})  # name -> {_target_, ...}
+    concat_channels: int = 0  # input channels summed concat conditions share (TF-T2V / VideoComposer: 8; zeros if none)
     resample: str = "standard"  # "standard" or "sr600" (asymmetric downsample padding, cropping upsample)
     skip_filters: tuple[tuple[float, float], ...] = ()  # FreeU: (backbone scale, skip Fourier scale) per decoder block
     skip_filter_threshold: int = 1  # half-width of the low-frequency box scaled by the skip filter
@@ -66,19 +94,22 @@ class UNet3DConfig:
         self.channel_mult = tuple(self.channel_mult)
         self.attention_scales = tuple(float(s) for s in self.attention_scales)
         self.skip_filters = tuple(tuple(float(v) for v in pair) for pair in self.skip_filters)
+        if not isinstance(self.conditions, Mapping) or not all(isinstance(v, Mapping) for v in self.conditions.values()):
+            raise ValueError(f"conditions must be a mapping name -> {{_target_: <Condition class>, ...}}, "
+                             f"got {self.conditions!r}")
+        self.conditions = {str(k): copy.deepcopy(dict(v)) for k, v in self.conditions.items()}
         if self.resample not in RESAMPLE_MODES:
             raise ValueError(f"resample={self.resample!r} is not one of {RESAMPLE_MODES}")
         if self.temporal_position not in TEMPORAL_POSITIONS:
             raise ValueError(f"temporal_position={self.temporal_position!r} is not one of {TEMPORAL_POSITIONS}")
         for key in ("model_channels", "head_dim", "in_channels", "out_channels", "num_res_blocks",
-                    "init_temporal_heads", "context_dim", "decoder_context_dim"):
+                    "init_temporal_heads", "context_dim", "decoder_context_dim", "image_dim"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("image_token_hidden", "concat_channels"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+        value = self.concat_channels
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"concat_channels must be an integer >= 0, got {value!r}")
         if not self.channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m <= 0
                                         for m in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty list of positive integers, got {self.channel_mult}")
@@ -88,7 +119,12 @@ class UNet3DConfig:
             raise ValueError(f"level widths {widths} must be multiples of 32 (GroupNorm) and of head_dim={self.head_dim}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> UNet3DConfig:
+    def from_dict(cls, values: Mapping) -> UNet3DConfig:
+        values = dict(values)
+        if any(k in values for k in LEGACY_CONDITION_KEYS) and "conditions" not in values:
+            values["conditions"] = legacy_conditions(values)
+        for key in LEGACY_CONDITION_KEYS:
+            values.pop(key, None)
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - valid)
         if unknown:
@@ -112,17 +148,17 @@ class UNet3D(nn.Module):
         sr600 = cfg.resample == "sr600"
 
         self.time_embed = EmbeddingMLP(dim, embed_dim)
-        self.image_tokens = (
-            ImageTokens(cfg.image_dim, cfg.image_token_hidden or embed_dim, cfg.context_dim, cfg.image_tokens)
-            if cfg.image_tokens else None
-        )
-        self.fps_embed = EmbeddingMLP(dim, embed_dim, zero_init_last=True) if cfg.fps_condition else None
+        dims = UNetDims(model_channels=dim, embed_dim=embed_dim, context_dim=cfg.context_dim,
+                        latent_channels=cfg.in_channels, image_dim=cfg.image_dim, concat_channels=cfg.concat_channels)
+        self.conditions = nn.ModuleDict({name: build_condition(name, spec, dims) for name, spec in cfg.conditions.items()})
+        if not any("tokens" in c.routes for c in self.conditions.values()):
+            raise ValueError("conditions: at least one must give cross-attention tokens (e.g. text: TextTokens)")
+        summed = [n for n, c in self.conditions.items() if c.summed]
+        if summed and not cfg.concat_channels:
+            raise ValueError(f"conditions {summed} are summed into the shared concat block: set concat_channels > 0")
         self.text_embed = TextPooling(cfg.context_dim, embed_dim) if cfg.text_embedding else None
         self.frame_embed = EmbeddingMLP(dim, embed_dim, zero_init_last=True) if cfg.frame_embedding else None
-        self.first_frame = (
-            FirstFrameCondition(cfg.in_channels, cfg.context_dim, cfg.first_frame_encoder_depth)
-            if cfg.first_frame_condition else None
-        )
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
         def transformers(channels: int, context_dim: int) -> list[nn.Module]:
             heads = channels // cfg.head_dim
@@ -131,7 +167,7 @@ class UNet3D(nn.Module):
                 layers.append(TemporalTransformer(channels, heads, cfg.head_dim, cfg.temporal_position))
             return layers
 
-        input_channels = cfg.in_channels * (2 if cfg.first_frame_condition else 1) + cfg.concat_channels
+        input_channels = cfg.in_channels + sum(c.channels for c in self.conditions.values()) + cfg.concat_channels
         init = [nn.Conv2d(input_channels, dim, 3, padding=1)]
         if cfg.temporal_attention:
             init.append(TemporalTransformer(dim, cfg.init_temporal_heads, cfg.head_dim, cfg.temporal_position))
@@ -201,69 +237,95 @@ class UNet3D(nn.Module):
         return [n for n, _ in self.named_parameters() if n.startswith(trunk) and n not in temporal]
 
     # ------------------------------------------------------------------ forward
-    def embed(self, t: torch.Tensor, fps: torch.Tensor | None) -> torch.Tensor:
-        weight = self.time_embed[0].weight
-        sinusoid_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        dim = self.config.model_channels
-        emb = self.time_embed(sinusoidal_embedding(t, dim, dtype=sinusoid_dtype).to(weight.dtype))
-        if self.fps_embed is not None:
-            if fps is None:
-                if self.first_frame is not None:  # I2VGen-XL always conditions on fps
-                    raise ValueError("this model is fps-conditioned: pass fps (frames per second, int [B])")
-            else:
-                fps = torch.as_tensor(fps, device=t.device).expand(t.shape[0])
-                emb = emb + self.fps_embed(sinusoidal_embedding(fps, dim, dtype=sinusoid_dtype).to(weight.dtype))
-        return emb
+    def forward(self, x: torch.Tensor, t: torch.Tensor, conditions: Mapping[str, torch.Tensor] | None = None, /,
+                *, keep: Mapping[str, torch.Tensor] | None = None, **named: torch.Tensor) -> torch.Tensor:
+        """Denoise ``x`` at ``t`` given ``conditions`` (a mapping and/or keywords by condition name).
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor | None = None,
-        image: torch.Tensor | None = None,
-        first_frame: torch.Tensor | None = None,
-        fps: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        ``keep`` maps a condition name to a per-sample [B] mask its encoded output is multiplied by (0 = dropped at
+        the output, VideoComposer's DropPath). A condition that is not given is absent (an error if ``required``).
+        """
+        conditions = {**(conditions or {}), **named}
+        unknown = sorted(set(conditions) - set(self.conditions)) + sorted(set(keep or {}) - set(self.conditions))
+        if unknown:
+            raise ConditionError(f"unknown condition {unknown[0]!r}; this model's conditions: {list(self.conditions)}")
         if x.ndim != 5:
             raise ValueError(f"x must be a latent video [B, C, F, H, W], got shape {tuple(x.shape)}")
-        if text is None:
-            raise ValueError("text context is required ([B, L, context_dim]); for the unconditional branch pass "
-                             "the negative-prompt (or empty-prompt) embedding")
         b, c, f, _, _ = x.shape
-        extra = (self.config.in_channels if self.first_frame is not None else 0) + self.config.concat_channels
-        if c + extra != self.input_blocks[0][0].in_channels:
+        if c != self.config.in_channels:
             raise ValueError(f"x has {c} channels, the model expects in_channels={self.config.in_channels}")
-        if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != self.config.context_dim:
-            raise ValueError(f"text must be [B={b}, L, context_dim={self.config.context_dim}], got {tuple(text.shape)}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(b)
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or [B={b}] timesteps, got shape {tuple(t.shape)}")
-        emb = self.embed(t, fps)
-        if self.text_embed is not None:
+
+        weight = self.time_embed[0].weight
+        emb = self.time_embed(sinusoid_for(t, self.config.model_channels, weight))
+        frame_emb, tokens, concat, features = [], [], [], []
+        summed = None
+        text = None
+        for name, cond in self.conditions.items():
+            value = conditions.get(name)
+            if value is None:
+                if cond.required:
+                    raise ConditionError(f"this model needs the condition {name!r} ({type(cond).__name__})")
+                if cond.channels:
+                    concat.append(x.new_zeros(b, cond.channels, *x.shape[2:]))
+                continue
+            value = torch.as_tensor(value, device=x.device)
+            if value.is_floating_point():
+                value = value.to(x.dtype)
+            if value.ndim and value.shape[0] != b:
+                raise ConditionError(f"condition {name!r} has batch size {value.shape[0]}, x has {b}")
+            out = cond(value, f)
+            outs = out if isinstance(out, dict) else {cond.routes[0]: out}
+            mask = None if keep is None else keep.get(name)
+            for route, tensor in outs.items():
+                if mask is not None:
+                    tensor = tensor * torch.as_tensor(mask, device=x.device).to(tensor.dtype).view(
+                        -1, *[1] * (tensor.ndim - 1))
+                if route == "tokens":
+                    tokens.append(tensor.to(x.dtype))
+                    if name == "text":
+                        text = tensor
+                elif route == "embedding":
+                    tensor = tensor.to(emb.dtype).expand(b, *tensor.shape[1:])
+                    if tensor.ndim == 3:
+                        frame_emb.append(tensor)
+                    else:
+                        emb = emb + tensor
+                elif route == "concat" and cond.summed:
+                    summed = tensor if summed is None else summed + tensor
+                elif route == "concat":
+                    concat.append(tensor.to(x.dtype))
+                else:
+                    features.append(tensor.to(x.dtype))
+        if not tokens:
+            raise ConditionError("no cross-attention tokens: pass the text condition ([B, L, context_dim]); for the "
+                                 "unconditional branch pass the negative-prompt (or empty-prompt) embedding")
+        if self.text_embed is not None and text is not None:
             emb = emb + self.text_embed(text.to(emb.dtype))
-        context = [text.to(x.dtype)]
-        if self.first_frame is not None:
-            if first_frame is None:
-                raise ValueError("this model is first-frame conditioned: pass first_frame (the image's VAE latent)")
-            frame0 = self.first_frame.first_frame(first_frame.to(x.dtype))
-            x = torch.cat([x, self.first_frame.concat(frame0, f)], dim=1)
-            context.append(self.first_frame.tokens(frame0))
         if self.config.concat_channels:
-            x = torch.cat([x, x.new_zeros(b, self.config.concat_channels, *x.shape[2:])], dim=1)
-        if self.image_tokens is not None and image is not None:
-            context.append(self.image_tokens(image.to(x.dtype)))
-        context = torch.cat(context, dim=1).repeat_interleave(f, dim=0)
+            concat.append(summed.to(x.dtype) if summed is not None
+                          else x.new_zeros(b, self.config.concat_channels, *x.shape[2:]))
+        if concat:
+            x = torch.cat([x, *concat], dim=1)
+        context = torch.cat(tokens, dim=1).repeat_interleave(f, dim=0)
         emb = emb.repeat_interleave(f, dim=0)
+        for per_frame in frame_emb:  # [B, F, D] -> rows (b0 f0, b0 f1, ..., b1 f0, ...)
+            emb = emb + per_frame.reshape(b * f, -1)
         if self.frame_embed is not None:  # frames are folded into the batch as (b0 f0, b0 f1, ..., b1 f0, ...)
             frames = sinusoidal_embedding(torch.arange(f, device=x.device), self.config.model_channels,
                                           dtype=torch.float32).to(emb.dtype)
             emb = emb + self.frame_embed(frames).repeat(b, 1)
 
-        h = fold_frames(x)
-        skips = []
-        for block in self.input_blocks:
+        first = self.input_blocks[0]
+        h = first[0](fold_frames(x))
+        for feature in features:  # [B, C, h, w] (every frame) or [B, C, F, h, w]
+            h = h + fold_frames(feature.unsqueeze(2).expand(-1, -1, f, -1, -1) if feature.ndim == 4 else feature)
+        h = self._run(first[1:], h, emb, context, f)
+        skips = [h]
+        for block in self.input_blocks[1:]:
             h = self._run(block, h, emb, context, f)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context, f)
@@ -297,3 +359,15 @@ class UNet3D(nn.Module):
             else:
                 h = layer(h, emb, context, num_frames)
         return h
+
+
+def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """State-dict pre-hook: parameters saved under the pre-registry names load into their conditions."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix):]
+        for old, new in LEGACY_KEY_PREFIXES:
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break

@@ -2,7 +2,7 @@
 differentiable partial DDIM chain that turns a noised real clip into a scored edit."""
 
 from vgen.rewards.base import BrightnessReward, ColorReward, RewardModel, WeightedSum
-from vgen.rewards.chain import ddim_step, partial_ddim_chain, partial_timesteps
+from vgen.rewards.chain import guided_ddim_step, partial_ddim_chain, partial_timesteps
 from vgen.rewards.clip import CLIPScore, HPSv2Reward
 from vgen.rewards.video import attenuation_weights, num_segments, segment_frame_indices, segmental_reward
 
@@ -14,7 +14,7 @@ __all__ = [
     "RewardModel",
     "WeightedSum",
     "attenuation_weights",
-    "ddim_step",
+    "guided_ddim_step",
     "num_segments",
     "partial_ddim_chain",
     "partial_timesteps",

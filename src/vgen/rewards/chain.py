@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from vgen.diffusion import Parameterization, ddim_timesteps, guided_output
+from vgen.diffusion import Parameterization, ddim_step, ddim_timesteps, guided_output
 from vgen.diffusion.loss import Denoiser
 
 
@@ -28,15 +28,13 @@ def partial_timesteps(num_timesteps: int, steps: int, tau: float) -> torch.Tenso
     return ddim_timesteps(num_timesteps, steps)[-count:]
 
 
-def ddim_step(model: Denoiser, param: Parameterization, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+def guided_ddim_step(model: Denoiser, param: Parameterization, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
               cond: dict[str, Any], uncond: dict[str, Any] | None, guidance: float,
               batch_cfg: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One guided eta=0 DDIM step: ``(x_prev, guided model output)``."""
+    """One guided eta=0 DDIM step (:func:`vgen.diffusion.ddim_step`): ``(x_prev, guided model output)``."""
     output = guided_output(model, x, t, cond, uncond, guidance, batch_cfg)
     x0 = param.predict_x0(output, x, t)
-    eps = param.eps_from_x0(x0, x, t)
-    ab_prev = param.schedule.alpha_bar(t_prev, x)
-    return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps, output
+    return ddim_step(param, x0, param.eps_from_x0(x0, x, t), t_prev), output
 
 
 def partial_ddim_chain(
@@ -76,7 +74,7 @@ def partial_ddim_chain(
         t_prev = (t - stride).clamp(min=0)
 
         def run(x_in: torch.Tensor, t=t, t_prev=t_prev) -> tuple[torch.Tensor, torch.Tensor]:
-            return ddim_step(model, param, x_in, t, t_prev, cond, uncond, guidance, batch_cfg)
+            return guided_ddim_step(model, param, x_in, t, t_prev, cond, uncond, guidance, batch_cfg)
 
         if i < n - grad_steps:
             with torch.no_grad():

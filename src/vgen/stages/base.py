@@ -1,29 +1,39 @@
-"""What every VGen training stage shares: frozen encoders, latent encoding, conditioning with classifier-free
-dropout, the diffusion loss, EMA (sharded like the model), the optimizer/LR schedule, SD-2.1 spatial gradient
-scaling, the non-finite-loss guard, per-rank RNG state in checkpoints, parallelism hooks (FSDP2 sharding,
-``torch.compile``), logging, and sampling. Stages subclass :class:`DiffusionStage` and override only what their
-algorithm changes."""
+"""What every VGen training stage shares: frozen encoders, latent encoding, conditions with generic classifier-free
+dropout, the diffusion loss, initial weights and adapters, EMA (sharded like the model), the optimizer/LR schedule,
+SD-2.1 spatial gradient scaling, the non-finite-loss guard, per-rank RNG state in checkpoints, parallelism hooks
+(FSDP2 sharding, ``torch.compile``) and logging. Stages subclass :class:`DiffusionStage` and override only what
+their algorithm changes; what trains is decided in one hook, :meth:`DiffusionStage.configure_trainable`.
+Sampling is not a stage's business: :class:`vgen.pipeline.VideoPipeline` does it (also from a stage in memory).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from vgen.diffusion import Diffusion
 from vgen.diffusion.loss import sample_timesteps, training_noise
+from vgen.models.adapters import (
+    Adapter,
+    adapter_parameter_names,
+    file_has_adapter_keys,
+    mark_only_adapters_trainable,
+)
+from vgen.models.conditions.classifier_free import apply_dropout, dropout_masks
+from vgen.models.encoding import FrozenEncoding
+from vgen.stages.options import ConditioningOptions, EMAOptions, InitOptions, OptimOptions, parse
 from vgen.training import rng
 from vgen.training.ema import EMA
 from vgen.training.optim import build_optimizer, warmup_decay_lambda
 from vgen.training.parallelize import compile_blocks, is_sharded, shard_unet
 
 log = logging.getLogger(__name__)
-
-NEGATIVE_PROMPT = ("Distorted, discontinuous, Ugly, blurry, low resolution, motionless, static, disfigured, "
-                   "disconnected limbs, Ugly faces, incomplete arms")
 
 
 def _frozen(module: nn.Module | None) -> nn.Module | None:
@@ -32,17 +42,19 @@ def _frozen(module: nn.Module | None) -> nn.Module | None:
     return module
 
 
-class DiffusionStage(L.LightningModule):
+class DiffusionStage(FrozenEncoding, L.LightningModule):
     """Base LightningModule: trains ``unet`` as the denoiser of ``diffusion`` on VAE latents.
 
     Args:
-        unet: the trainable network (``vgen.models.UNet3D``).
+        unet: the trainable network (``vgen.models.UNet3D``); its conditions (``model.unet.conditions``) say what
+            it is conditioned on, each with its own classifier-free dropout probability.
         diffusion: schedule + parameterisation + loss/sampler defaults (``vgen.diffusion.Diffusion``).
         vae, text_encoder, image_encoder: frozen encoders (image encoder only for image-conditioned models).
-        optim: ``lr, betas, eps, weight_decay, warmup_steps, decay, min_lr_ratio, total_steps``.
-        ema: ``enabled, decay, start_step``.
-        conditioning: ``negative_prompt, p_zero`` (text -> negative prompt), ``p_image_zero`` (CLIP image ->
-            zeros), ``spatial_grad_scale`` (gradient scale on the SD-2.1 spatial parameters).
+        optim, ema, conditioning, init: option groups (:mod:`vgen.stages.options`): optimizer and LR schedule; EMA;
+            the dropout scheme across conditions, the negative prompt and the SD-2.1 spatial gradient scale; the
+            initial UNet weights (a VGen release, SD-2.1, a vgen checkpoint, diffusers).
+        adapters: ``{name: Adapter}`` applied from outside the UNet after ``init`` (e.g. LoRA); only they train,
+            and checkpoints hold only them (plus the name of their base weights, ``init.path``).
         gradient_checkpointing: recompute each UNet block in backward (activation memory for compute).
         compile: ``torch.compile`` each UNet block (GPU runs; off by default and on CPU).
         max_nonfinite_steps: a step whose loss is NaN/Inf on any rank is skipped on every rank and counted;
@@ -58,6 +70,8 @@ class DiffusionStage(L.LightningModule):
     negative-prompt (and empty-prompt) embeddings, once, that classifier-free dropout swaps in.
     """
 
+    uses_condition_dropout = True  # stages that never train the unconditional branch set False
+
     def __init__(
         self,
         unet: nn.Module,
@@ -65,38 +79,42 @@ class DiffusionStage(L.LightningModule):
         vae: nn.Module,
         text_encoder: nn.Module,
         image_encoder: nn.Module | None = None,
-        optim: dict | None = None,
-        ema: dict | None = None,
-        conditioning: dict | None = None,
+        optim: Mapping | None = None,
+        ema: Mapping | None = None,
+        conditioning: Mapping | None = None,
+        init: Mapping | None = None,
+        adapters: Mapping[str, Adapter] | None = None,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         max_nonfinite_steps: int = 3,
     ):
         super().__init__()
+        self.optim_cfg = parse(OptimOptions, "optim", optim)
+        ema_cfg = parse(EMAOptions, "ema", ema)
+        self.conditioning = parse(ConditioningOptions, "conditioning", conditioning)
+        self.init_cfg = parse(InitOptions, "init", init)
+        self.adapters = dict(adapters or {})
+        for name, adapter in self.adapters.items():
+            if not isinstance(adapter, Adapter):
+                raise TypeError(f"stage.adapters.{name} must be a vgen.models.adapters.Adapter (e.g. "
+                                f"_target_: vgen.models.lora.LoRA), got {type(adapter).__name__}")
+        self.prepare_unet(unet)  # weights, adapters and what trains: before the EMA and the optimizer see it
         self.unet = unet
         self.diffusion = diffusion
         self.vae = _frozen(vae)
         self.text_encoder = _frozen(text_encoder)
         self.image_encoder = _frozen(image_encoder)
-        self.optim_cfg = {"lr": 5e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "warmup_steps": 10,
-                          "decay": "constant", "min_lr_ratio": 0.0, "total_steps": 1_000_000, **(optim or {})}
-        ema_cfg = {"enabled": True, "decay": 0.9999, "start_step": 0, **(ema or {})}
-        self.ema = EMA(unet, ema_cfg["decay"], ema_cfg["start_step"]) if ema_cfg["enabled"] else None
-        cond = {"negative_prompt": NEGATIVE_PROMPT, "p_zero": 0.1, "p_image_zero": 0.0, "spatial_grad_scale": 1.0,
-                **(conditioning or {})}
-        for key in ("p_zero", "p_image_zero"):
-            if not 0.0 <= cond[key] <= 1.0:
-                raise ValueError(f"stage.conditioning.{key} must be in [0, 1], got {cond[key]}")
-        self.conditioning = cond
-        self.image_conditioned = bool(getattr(unet.config, "first_frame_condition", False))
-        if self.image_conditioned and image_encoder is None:
-            raise ValueError("model.unet is image-conditioned (first_frame_condition) but model.image_encoder is null")
+        self.ema = EMA(unet, ema_cfg.decay, ema_cfg.start_step) if ema_cfg.enabled else None
+        needing = [n for n, c in unet.conditions.items() if c.needs_image_encoder and c.required]
+        if needing and image_encoder is None:
+            raise ValueError(f"model.unet's condition(s) {needing} read image-encoder embeddings but "
+                             "model.image_encoder is null")
         self._check_widths(unet, vae, text_encoder, image_encoder)
         if gradient_checkpointing:
             unet.set_gradient_checkpointing(True)
-        self._spatial = set(unet.spatial_parameter_names()) if cond["spatial_grad_scale"] != 1.0 else set()
+        scale = self.conditioning.spatial_grad_scale
+        self._spatial = set(unet.spatial_parameter_names()) if scale != 1.0 else set()
         self._grad_scale_hooks: list = []
-        self._negative: torch.Tensor | None = None
         self.compile = compile
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"stage.max_nonfinite_steps must be an integer >= 1, got {max_nonfinite_steps!r}")
@@ -107,13 +125,57 @@ class DiffusionStage(L.LightningModule):
         self._rng_to_restore: dict | None = None
         self.run_config: dict | None = None  # resolved Hydra config, stored in checkpoints for vgen.sample
 
+    @property
+    def negative_prompt(self) -> str:
+        return self.conditioning.negative_prompt
+
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether the UNet needs reference frames (a first-frame image) for every forward (image-to-video)."""
+        return any(c.uses_reference and c.required for c in self.unet.conditions.values())
+
+    # ------------------------------------------------------------------ initial weights, adapters, what trains
+    def prepare_unet(self, unet: nn.Module) -> None:
+        """``init`` weights, then the adapters (a file that already holds adapter weights loads after them), then
+        :meth:`configure_trainable`."""
+        from vgen.checkpoint.original import init_unet
+
+        path, adapters = self.init_cfg.path, list(self.adapters.values())
+        with_adapters = path is not None and file_has_adapter_keys(path, adapters)
+        if path is not None and not with_adapters:
+            init_unet(unet, path, self.init_cfg.format)
+        for name, adapter in self.adapters.items():
+            try:
+                modules = adapter.apply(unet)
+            except ValueError as err:
+                raise ValueError(f"stage.adapters.{name}: {err}") from None
+            log.info("adapter %s (%s) on %d modules", name, type(adapter).__name__, len(modules))
+        if with_adapters:
+            init_unet(unet, path, self.init_cfg.format)
+        if self.adapters and path is None:
+            rank_zero_warn("stage.init.path is null: the adapters train on a randomly initialised base UNet (only "
+                           "meaningful for smoke tests); checkpoints then hold the whole UNet")
+        self.configure_trainable(unet)
+
+    def configure_trainable(self, unet: nn.Module) -> None:
+        """The one "what trains" hook (before EMA and optimizer): the adapters alone when there are any, else
+        every parameter. Subclasses freeze or bypass parts (image pretraining, HQ fine-tuning)."""
+        if self.adapters:
+            count = mark_only_adapters_trainable(unet, self.adapters)
+            log.info("adapters: %d trainable of %d parameters", count, sum(p.numel() for p in unet.parameters()))
+
+    @property
+    def saves_adapters_only(self) -> bool:
+        """Adapter-only checkpoints need base weights they can name (``stage.init.path``)."""
+        return bool(self.adapters) and self.init_cfg.path is not None
+
     @staticmethod
     def _check_widths(unet, vae, text_encoder, image_encoder) -> None:
         cfg = unet.config
         pairs = [("model.unet.context_dim", cfg.context_dim, "model.text_encoder", getattr(text_encoder, "dim", None)),
                  ("model.unet.in_channels", cfg.in_channels, "model.vae latent channels",
                   getattr(vae, "latent_channels", None))]
-        if cfg.image_tokens:
+        if image_encoder is not None and any(c.needs_image_encoder for c in unet.conditions.values()):
             pairs.append(("model.unet.image_dim", cfg.image_dim, "model.image_encoder",
                           getattr(image_encoder, "dim", None)))
         for key, want, other, have in pairs:
@@ -121,16 +183,29 @@ class DiffusionStage(L.LightningModule):
                 raise ValueError(f"{key}={want} does not match {other} ({have})")
 
     # ------------------------------------------------------------------ persistence: only what is trained
+    def _saved_names(self) -> set[str] | None:
+        return set(adapter_parameter_names(self.unet, self.adapters)) if self.saves_adapters_only else None
+
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """Checkpoints hold the UNet only; frozen encoders are rebuilt from their own weights files."""
-        return {f"unet.{k}": v for k, v in self.unet.state_dict(keep_vars=keep_vars).items()}
+        """Checkpoints hold the UNet only (its adapters only, with named base weights); frozen encoders are rebuilt
+        from their own weights files."""
+        names = self._saved_names()
+        return {f"unet.{k}": v for k, v in self.unet.state_dict(keep_vars=keep_vars).items()
+                if names is None or k in names}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         foreign = [k for k in state_dict if not k.startswith("unet.")]
         if foreign:
             raise KeyError(f"checkpoint has keys outside the trained UNet: {foreign[:10]}")
-        return self.unet.load_state_dict({k[len("unet."):]: v for k, v in state_dict.items()}, strict=True,
-                                         assign=assign)
+        weights = {k[len("unet."):]: v for k, v in state_dict.items()}
+        names = self._saved_names()
+        if names is not None:
+            missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
+            if missing or unexpected:
+                raise KeyError(f"checkpoint does not hold this run's adapters: missing {missing[:5]} "
+                               f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+            weights = {**self.unet.state_dict(), **weights}
+        return self.unet.load_state_dict(weights, strict=True, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Adds the EMA (in the model's sharding), every rank's RNG state, and the non-finite step count.
@@ -142,6 +217,11 @@ class DiffusionStage(L.LightningModule):
             checkpoint["ema"] = self.ema.state_dict()
         if self.run_config is not None:
             checkpoint["vgen_config"] = self.run_config
+        if self.adapters:
+            checkpoint["adapters"] = {name: {"class": f"{type(a).__module__}.{type(a).__qualname__}",
+                                             "config": a.config()} for name, a in self.adapters.items()}
+            checkpoint["base_weights"] = ({"path": self.init_cfg.path, "format": self.init_cfg.format}
+                                          if self.saves_adapters_only else None)
         checkpoint["rng"] = self._gather_rng()
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
 
@@ -192,83 +272,27 @@ class DiffusionStage(L.LightningModule):
 
         # DeepSpeed takes gradients out of ``p.grad`` during backward: scale them as they are produced instead
         if isinstance(self.trainer.strategy, DeepSpeedStrategy) and self._spatial and not self._grad_scale_hooks:
-            scale = self.conditioning["spatial_grad_scale"]
+            scale = self.conditioning.spatial_grad_scale
             self._grad_scale_hooks = [p.register_hook(lambda g, s=scale: g * s)
                                       for n, p in self.unet.named_parameters() if n in self._spatial]
 
-    # ------------------------------------------------------------------ encoders and conditions
+    # ------------------------------------------------------------------ conditions
     @torch.no_grad()
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video)
+    def training_conditions(self, batch: dict, latents: torch.Tensor) -> dict[str, Any]:
+        """UNet keyword inputs for a training batch: every condition's value, then classifier-free dropout."""
+        values = self.condition_values(self.condition_inputs(batch, latents, latents.shape[2]))
+        return self.drop_conditions(values)
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        return self.text_encoder(list(captions))
-
-    @staticmethod
-    def batch_samples(batch: dict) -> torch.Tensor:
-        """The batch's clips: ``latent`` [B, C, F, h, w] for latent-cache batches, else ``video`` [B, 3, F, H, W]."""
-        return batch["latent"] if "latent" in batch else batch["video"]
-
-    @torch.no_grad()
-    def batch_latents(self, batch: dict) -> torch.Tensor:
-        """Training latents: the cached ``latent`` when the batch has it (no VAE call), else the VAE's."""
-        if "latent" not in batch:
-            return self.encode_video(batch["video"])
-        latents = batch["latent"]
-        channels = getattr(self.vae, "latent_channels", None)
-        if latents.ndim != 5 or (channels is not None and latents.shape[1] != channels):
-            raise ValueError(f"batch latent {tuple(latents.shape)} is not [B, {channels}, F, h, w] (model.vae's "
-                             "latent channels): encode the shards with this run's VAE (data_pipelines/encode.py --vae)")
-        return latents
-
-    @torch.no_grad()
-    def batch_text(self, batch: dict) -> torch.Tensor:
-        """Caption embeddings [B, L, D]: the cached ``text_embedding`` when the batch has it, else the encoder's."""
-        if "text_embedding" not in batch:
-            return self.encode_text(batch["caption"])
-        text = batch["text_embedding"]
-        expected = self.negative_embedding(1).shape[1:]
-        if text.shape[1:] != expected:
-            raise ValueError(f"batch text_embedding {tuple(text.shape)} does not match model.text_encoder's "
-                             f"[B, {expected[0]}, {expected[1]}]: encode the shards with this run's text encoder "
-                             "(data_pipelines/encode.py --text-encoder)")
-        return text
-
-    @torch.no_grad()
-    def batch_first_frame_embedding(self, batch: dict) -> torch.Tensor:
-        """Image-encoder embedding [B, 1, D] of each clip's first frame (cached ``image_embedding`` if present)."""
-        if "video" in batch:
-            return self.image_encoder(batch["video"][:, :, 0])
-        if "image_embedding" not in batch:
-            raise ValueError("this model needs the first frame's image embedding, but the latent batch has no "
-                             "image_embedding: encode the shards with data_pipelines/encode.py --image-encoder")
-        image = batch["image_embedding"]
-        return image[:, None] if image.ndim == 2 else image
-
-    @torch.no_grad()
-    def negative_embedding(self, batch_size: int) -> torch.Tensor:
-        if self._negative is None or self._negative.device != self.device:
-            self._negative = self.encode_text([self.conditioning["negative_prompt"]])
-        return self._negative.expand(batch_size, -1, -1)
-
-    def _drop(self, values: torch.Tensor, replacement: torch.Tensor, p: float) -> torch.Tensor:
-        if p <= 0:
-            return values
-        drop = torch.rand(values.shape[0], device=values.device) < p
-        return torch.where(drop.view(-1, *[1] * (values.ndim - 1)), replacement.to(values.dtype), values)
-
-    @torch.no_grad()
-    def training_conditions(self, batch: dict, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """UNet keyword inputs for a training batch, with classifier-free-guidance dropout applied."""
-        text = self.batch_text(batch)
-        cond = {"text": self._drop(text, self.negative_embedding(text.shape[0]), self.conditioning["p_zero"])}
-        if self.image_conditioned:
-            image = self.batch_first_frame_embedding(batch)
-            cond["image"] = self._drop(image, torch.zeros_like(image), self.conditioning["p_image_zero"])
-            cond["first_frame"] = latents[:, :, :1]
-            cond["fps"] = batch["fps"].to(self.device)
-        return cond
+    def drop_conditions(self, values: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Classifier-free dropout of ``values`` (the scheme of ``stage.conditioning``, each condition's own
+        probability); unchanged for stages that do not train the unconditional branch."""
+        if not self.uses_condition_dropout or not values:
+            return dict(values)
+        opts = self.conditioning
+        batch_size = next(iter(values.values())).shape[0]
+        masks = dropout_masks(self.unet.conditions, list(values), batch_size, self.device, scheme=opts.scheme,
+                              p_joint_zero=opts.p_joint_zero, p_all_zero=opts.p_all_zero, p_all_keep=opts.p_all_keep)
+        return apply_dropout(self.unet.conditions, values, masks, self)
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: dict) -> torch.Tensor:
@@ -345,7 +369,7 @@ class DiffusionStage(L.LightningModule):
             for p in self.unet.parameters():
                 p.grad = None
             return
-        scale = self.conditioning["spatial_grad_scale"]
+        scale = self.conditioning.spatial_grad_scale
         if self._spatial and scale != 1.0 and not self._grad_scale_hooks:
             grads = [p.grad for n, p in self.unet.named_parameters() if n in self._spatial and p.grad is not None]
             if grads:
@@ -382,62 +406,7 @@ class DiffusionStage(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, cfg["lr"], cfg["betas"], cfg["eps"], cfg["weight_decay"])
-        factor = warmup_decay_lambda(cfg["warmup_steps"], cfg["total_steps"], cfg["decay"], cfg["min_lr_ratio"])
+        optimizer = build_optimizer(params, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+        factor = warmup_decay_lambda(cfg.warmup_steps, cfg.total_steps, cfg.decay, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        num_frames: int,
-        height: int,
-        width: int,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int = 0,
-        negative_prompt: str | None = None,
-        images: torch.Tensor | None = None,
-        fps: int = 8,
-    ) -> torch.Tensor:
-        """DDIM with classifier-free guidance against the negative prompt -> videos [B, 3, F, H, W] in [-1, 1].
-
-        ``images`` ([B, 3, H, W] in [-1, 1]) are required for image-conditioned models (the first frame).
-        """
-        b = len(prompts)
-        ds = getattr(self.vae, "downsample", 1)
-        if height % ds or width % ds:
-            raise ValueError(f"height/width must be multiples of the VAE downsampling factor {ds}")
-        text = self.encode_text(prompts)
-        if negative_prompt is None:
-            negative = self.negative_embedding(b)
-        else:
-            negative = self.encode_text([negative_prompt]).expand(b, -1, -1)
-        cond, uncond = {"text": text}, {"text": negative}
-        if self.image_conditioned:
-            if images is None or images.shape[0] != b:
-                raise ValueError(f"this model is image-to-video: pass one first-frame image per prompt ({b})")
-            images = images.to(self.device, torch.float32)
-            if images.shape[-2:] != (height, width):
-                images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear",
-                                                         antialias=True, align_corners=False)
-            first = self.vae.encode(images[:, :, None])
-            clip = self.image_encoder(images)
-            fps_t = torch.full((b,), fps, device=self.device, dtype=torch.long)
-            cond.update(image=clip, first_frame=first, fps=fps_t)
-            uncond.update(image=torch.zeros_like(clip), first_frame=first, fps=fps_t)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        shape = (b, self.vae.latent_channels, num_frames, height // ds, width // ds)
-        noise = self.diffusion.noise(shape, generator=generator, device=self.device)
-        was_training = self.unet.training
-        self.unet.eval()
-        try:
-            latents = self.diffusion.sample(self.unet, noise, cond=cond, uncond=uncond,
-                                            guidance_scale=self.diffusion.guidance_scale if guidance is None else guidance,
-                                            steps=steps or self.diffusion.ddim_steps)
-        finally:
-            self.unet.train(was_training)
-        return self.vae.decode(latents).clamp(-1, 1)

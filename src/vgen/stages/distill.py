@@ -29,16 +29,18 @@ from torch import nn
 from vgen.checkpoint.export import load_training_checkpoint, unet_weights
 from vgen.config import ConfigError
 from vgen.diffusion import Diffusion
-from vgen.diffusion.lcm import DISTANCES, consistency_distillation_loss, lcm_sample
+from vgen.diffusion.lcm import consistency_distillation_loss
+from vgen.models.conditions.classifier_free import guidance_pair
 from vgen.stages.base import DiffusionStage
+from vgen.stages.options import DistillOptions, TeacherOptions, parse
 from vgen.training.ema import EMA
 
 log = logging.getLogger(__name__)
 
-DISTILL_DEFAULTS = {"solver_steps": 50, "guidance": 9.0, "target_decay": 0.95, "loss": "huber", "huber_c": 0.001,
-                    "sigma_data": 0.5, "timestep_scaling": 10.0, "sample_steps": 4, "batch_cfg": False}
 # UNet settings that may differ between teacher and student (training-time switches, not architecture).
 _UNET_FREE_KEYS = {"dropout", "gradient_checkpointing"}
+# Condition settings that may differ (classifier-free training and guidance, not architecture).
+_CONDITION_FREE_KEYS = {"dropout", "drop_to", "guide_to", "stills", "required"}
 # Encoder settings that may differ (where the weights file lives, chunking for memory).
 _ENCODER_FREE_KEYS = {"weights", "encode_chunk", "decode_chunk"}
 
@@ -58,7 +60,7 @@ class ConsistencyDistillStage(DiffusionStage):
         base_options: the remaining :class:`DiffusionStage` options (``gradient_checkpointing``, ...).
     """
 
-    SAMPLERS = ("lcm", "ddim")
+    uses_condition_dropout = False  # the student sees every condition (VideoLCM: p_zero 0)
 
     def __init__(
         self,
@@ -69,33 +71,15 @@ class ConsistencyDistillStage(DiffusionStage):
         image_encoder: nn.Module | None = None,
         teacher: dict | None = None,
         distill: dict | None = None,
-        optim: dict | None = None,
-        ema: dict | None = None,
-        conditioning: dict | None = None,
         **base_options: Any,
     ):
-        conditioning = {"p_zero": 0.0, **(conditioning or {})}  # the student always sees the caption
-        super().__init__(unet, diffusion, vae, text_encoder, image_encoder, optim=optim, ema=ema,
-                         conditioning=conditioning, **base_options)
-        self.teacher_cfg = {"checkpoint": None, "ema": None, **(teacher or {})}
-        self.distill_cfg = cfg = {**DISTILL_DEFAULTS, **(distill or {})}
-        unknown = sorted(set(cfg) - set(DISTILL_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown stage.distill keys {unknown}; valid keys: {sorted(DISTILL_DEFAULTS)}")
-        num_timesteps = diffusion.param.num_timesteps
-        if not (isinstance(cfg["solver_steps"], int) and 1 <= cfg["solver_steps"] <= num_timesteps):
-            raise ValueError(f"stage.distill.solver_steps must be an integer in [1, {num_timesteps}], "
-                             f"got {cfg['solver_steps']}")
-        checks = [("loss", cfg["loss"] in DISTANCES, f"one of {', '.join(DISTANCES)}"),
-                  ("target_decay", 0.0 <= cfg["target_decay"] < 1.0, "in [0, 1)"),
-                  ("guidance", cfg["guidance"] >= 0.0, ">= 0 (w; the teacher's CFG scale is 1 + w)"),
-                  ("huber_c", cfg["huber_c"] > 0.0, "> 0"), ("sigma_data", cfg["sigma_data"] > 0.0, "> 0"),
-                  ("timestep_scaling", cfg["timestep_scaling"] > 0.0, "> 0"),
-                  ("sample_steps", 1 <= cfg["sample_steps"] <= cfg["solver_steps"],
-                   f"in [1, solver_steps={cfg['solver_steps']}]")]
-        for key, ok, valid in checks:
-            if not ok:
-                raise ValueError(f"stage.distill.{key} must be {valid}, got {cfg[key]!r}")
+        super().__init__(unet, diffusion, vae, text_encoder, image_encoder, **base_options)
+        if self.init_cfg.path is not None:
+            raise ValueError("stage.init.path does not apply to distillation: the student starts from the teacher "
+                             "(stage.teacher.checkpoint)")
+        self.teacher_cfg = parse(TeacherOptions, "teacher", teacher)
+        self.distill_cfg = cfg = parse(DistillOptions, "distill", distill)
+        cfg.check(diffusion.param.num_timesteps)
         # Plain dict, not attributes: nn.Module would register the networks as submodules.
         self._networks: dict[str, nn.Module | None] = {"teacher": None, "target": None}
         self._teacher_run_config: dict | None = None
@@ -132,7 +116,7 @@ class ConsistencyDistillStage(DiffusionStage):
         """Load the teacher, initialise the student (and its EMA) from it, and copy it into the target network."""
         if self._networks["teacher"] is not None:
             return
-        path = self.teacher_cfg["checkpoint"]
+        path = self.teacher_cfg.checkpoint
         if path is None:
             rank_zero_warn("stage.teacher.checkpoint is null: distilling from a frozen copy of the student's initial "
                            "weights (only meaningful for smoke tests)")
@@ -157,7 +141,7 @@ class ConsistencyDistillStage(DiffusionStage):
             raise ConfigError(f"{key}: no such file (point it at the stage-2/3 teacher's .ckpt)")
         if not is_vgen_checkpoint(Path(path)):
             return self._load_released_teacher(Path(path), key)
-        weights, run_config, used_ema = read_teacher_checkpoint(Path(path), self.teacher_cfg["ema"], key)
+        weights, run_config, used_ema = read_teacher_checkpoint(Path(path), self.teacher_cfg.ema, key)
         if not isinstance(run_config, dict) or "unet" not in run_config.get("model", {}):
             raise ConfigError(f"{key}: the checkpoint has no vgen_config with model.unet (not written by vgen.train)")
         self._teacher_run_config = run_config
@@ -188,7 +172,7 @@ class ConsistencyDistillStage(DiffusionStage):
         if type(teacher) is not type(self.unet) or mine is None or theirs is None:
             raise ConfigError(f"{key}: the teacher is a {type(teacher).__name__}, model.unet a "
                               f"{type(self.unet).__name__}; the student must have the teacher's architecture")
-        mine, theirs = mine.to_dict(), theirs.to_dict()
+        mine, theirs = _architecture(mine.to_dict()), _architecture(theirs.to_dict())
         differ = [k for k in mine if k not in _UNET_FREE_KEYS and mine[k] != theirs.get(k)]
         if differ:
             detail = ", ".join(f"{k} (teacher {theirs.get(k)!r}, model.unet {mine[k]!r})" for k in differ[:4])
@@ -209,7 +193,7 @@ class ConsistencyDistillStage(DiffusionStage):
         """The frozen encoders must be the teacher's (same class and settings; the weights path may differ)."""
         if self._teacher_run_config is None or self.run_config is None:
             return
-        for name in ("vae", "text_encoder", "image_encoder") if self.image_conditioned else ("vae", "text_encoder"):
+        for name in ("vae", "text_encoder", "image_encoder") if self.image_encoder is not None else ("vae", "text_encoder"):
             mine = self.run_config.get("model", {}).get(name) or {}
             theirs = self._teacher_run_config.get("model", {}).get(name) or {}
             differ = sorted(k for k in set(mine) | set(theirs)
@@ -217,12 +201,12 @@ class ConsistencyDistillStage(DiffusionStage):
             if differ:
                 k = differ[0]
                 raise ConfigError(f"model.{name}.{k}={mine.get(k)!r} differs from the teacher's ({theirs.get(k)!r}, "
-                                  f"stage.teacher.checkpoint={self.teacher_cfg['checkpoint']}); use the teacher's "
+                                  f"stage.teacher.checkpoint={self.teacher_cfg.checkpoint}); use the teacher's "
                                   f"model/{name}")
 
     def update_target(self) -> None:
         """Move the target network towards the student by ``distill.target_decay`` (after each optimizer step)."""
-        update_target_network(self.target, self.unet, self.distill_cfg["target_decay"])
+        update_target_network(self.target, self.unet, self.distill_cfg.target_decay)
 
     def _load_target(self, state: dict[str, torch.Tensor]) -> None:
         target = self.target
@@ -252,13 +236,10 @@ class ConsistencyDistillStage(DiffusionStage):
     # ------------------------------------------------------------------ training
     @torch.no_grad()
     def distill_conditions(self, batch: dict, latents: torch.Tensor) -> tuple[dict, dict]:
-        """(cond, uncond) UNet inputs: the captions (with ``p_zero`` dropout, 0 by default) and, for the teacher's
-        unconditional branch, the negative prompt and a zero CLIP image embedding (the first frame is kept)."""
-        cond = self.training_conditions(batch, latents)
-        uncond = {**cond, "text": self.negative_embedding(latents.shape[0])}
-        if "image" in cond:
-            uncond["image"] = torch.zeros_like(cond["image"])
-        return cond, uncond
+        """(cond, uncond) UNet inputs: every condition of the batch, and for the teacher's unconditional branch each
+        condition's guidance null (negative prompt, zero CLIP image embedding; the first frame is kept)."""
+        values = self.condition_values(self.condition_inputs(batch, latents, latents.shape[2]))
+        return guidance_pair(self.unet.conditions, values, self)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         cfg = self.distill_cfg
@@ -267,8 +248,8 @@ class ConsistencyDistillStage(DiffusionStage):
         per_sample, _ = consistency_distillation_loss(
             self.unet, self.target, self.teacher, self.diffusion.param, latents, cond=cond, uncond=uncond,
             **self._seeded_draws(batch, latents), frame_correlation=self.diffusion.frame_noise_correlation,
-            guidance=cfg["guidance"], solver_steps=cfg["solver_steps"], loss=cfg["loss"], huber_c=cfg["huber_c"],
-            sigma_data=cfg["sigma_data"], timestep_scaling=cfg["timestep_scaling"], batch_cfg=cfg["batch_cfg"])
+            guidance=cfg.guidance, solver_steps=cfg.solver_steps, loss=cfg.loss, huber_c=cfg.huber_c,
+            sigma_data=cfg.sigma_data, timestep_scaling=cfg.timestep_scaling, batch_cfg=cfg.batch_cfg)
         return per_sample.mean()
 
     def _seeded_draws(self, batch: dict, latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -279,7 +260,7 @@ class ConsistencyDistillStage(DiffusionStage):
         indices, noises = [], []
         for i, seed in enumerate(batch["noise_seed"].tolist()):
             g = torch.Generator().manual_seed(int(seed))
-            indices.append(torch.randint(0, self.distill_cfg["solver_steps"], (1,), generator=g))
+            indices.append(torch.randint(0, self.distill_cfg.solver_steps, (1,), generator=g))
             noises.append(self.diffusion.noise(latents[i:i + 1].shape, generator=g))
         return {"index": torch.cat(indices).to(latents.device),
                 "noise": torch.cat(noises).to(device=latents.device, dtype=latents.dtype)}
@@ -293,26 +274,6 @@ class ConsistencyDistillStage(DiffusionStage):
         super().after_optimizer_step(stepped)
         if stepped and not self.step_skipped:
             self.update_target()
-
-    # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def generate(self, prompts: list[str], *, sampler: str = "lcm", steps: int | None = None,
-                 guidance: float | None = None, seed: int = 0, eta: float = 1.0, **kwargs) -> torch.Tensor:
-        """Videos [B, 3, F, H, W] in [-1, 1]: multistep LCM without CFG (default; ``steps`` defaults to
-        ``distill.sample_steps``; ``eta`` as :func:`vgen.diffusion.lcm_sample`), or ``sampler="ddim"`` for the
-        base's DDIM with CFG. Other arguments as :meth:`DiffusionStage.generate`."""
-        if sampler == "ddim":
-            return super().generate(prompts, steps=steps, guidance=guidance, seed=seed, **kwargs)
-        if sampler != "lcm":
-            raise ValueError(f"unknown sampler {sampler!r}; valid choices: {', '.join(self.SAMPLERS)}")
-        if guidance is not None:
-            raise ValueError("guidance applies to sampler=ddim only: the LCM sampler uses no classifier-free guidance")
-        lcm = _LCMSampling(self.diffusion, steps or self.distill_cfg["sample_steps"], self.distill_cfg, seed, eta)
-        teacher_sampling, self.diffusion = self.diffusion, lcm
-        try:  # the base builds the conditions, draws x_T from ``seed`` and decodes; only the sampler differs
-            return super().generate(prompts, steps=lcm.ddim_steps, guidance=1.0, seed=seed, **kwargs)
-        finally:
-            self.diffusion = teacher_sampling
 
 
 def is_vgen_checkpoint(path: Path) -> bool:
@@ -355,30 +316,6 @@ def read_teacher_checkpoint(path: Path, ema: bool | None, key: str) -> tuple[dic
     return unet_weights(ckpt, ema=used), ckpt.get("vgen_config"), used
 
 
-class _LCMSampling:
-    """Stands in for :class:`Diffusion` during :meth:`ConsistencyDistillStage.generate`: ``sample`` runs LCM.
-
-    Re-noising draws from its own generator seeded with ``seed + 1_000_003``, so it never repeats x_T's noise.
-    """
-
-    def __init__(self, diffusion: Diffusion, steps: int, cfg: dict, seed: int, eta: float):
-        self.param = diffusion.param
-        self.noise = diffusion.noise  # x_T as the teacher's recipe draws it (frame correlation included)
-        self.frame_correlation = diffusion.frame_noise_correlation
-        self.eta = eta
-        self.ddim_steps = steps
-        self.guidance_scale = 1.0
-        self.cfg = cfg
-        self.seed = seed + 1_000_003
-
-    def sample(self, model, x_T: torch.Tensor, *, cond=None, uncond=None, guidance_scale=1.0, steps=None):
-        generator = torch.Generator(device=x_T.device).manual_seed(self.seed)
-        return lcm_sample(model, x_T, self.param, steps or self.ddim_steps, cond=cond,
-                          original_steps=self.cfg["solver_steps"], sigma_data=self.cfg["sigma_data"],
-                          timestep_scaling=self.cfg["timestep_scaling"], eta=self.eta, generator=generator,
-                          frame_correlation=self.frame_correlation)
-
-
 @torch.no_grad()
 def update_target_network(target: nn.Module, online: nn.Module, rate: float) -> None:
     """target <- rate * target + (1 - rate) * online for the parameters; buffers are copied."""
@@ -408,3 +345,10 @@ def _full_parameters(module: nn.Module):
     from torch.distributed.tensor import DTensor
 
     yield {n: p.full_tensor().detach() if isinstance(p, DTensor) else p.detach() for n, p in params.items()}
+
+
+def _architecture(unet_config: dict) -> dict:
+    """A UNet config without the condition settings that are not architecture (dropout, null rules)."""
+    conditions = {name: {k: v for k, v in spec.items() if k not in _CONDITION_FREE_KEYS}
+                  for name, spec in unet_config.get("conditions", {}).items()}
+    return {**unet_config, "conditions": conditions}

@@ -46,5 +46,6 @@ class HQFinetuneStage(JointImageVideoStage):
         self.trainable = trainable if isinstance(trainable, str) else list(trainable)
         super().__init__(unet, *args, **kwargs)
 
-    def prepare_unet(self, unet: nn.Module) -> None:
+    def configure_trainable(self, unet: nn.Module) -> None:
+        super().configure_trainable(unet)
         select_trainable(unet, self.trainable)

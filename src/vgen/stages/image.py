@@ -28,7 +28,8 @@ class ImagePretrainStage(JointImageVideoStage):
         self.temporal = temporal
         super().__init__(unet, *args, **kwargs)
 
-    def prepare_unet(self, unet: nn.Module) -> None:
+    def configure_trainable(self, unet: nn.Module) -> None:
+        super().configure_trainable(unet)
         if self.temporal == "train":
             return
         temporal = set(unet.temporal_parameter_names())

@@ -1,0 +1,367 @@
+"""Inference as its own object: UNet + VAE + encoders + diffusion + sampler + adapters, never a training stage.
+
+    from vgen import VideoPipeline
+    pipe = VideoPipeline.from_checkpoint("outputs/demo/checkpoints/step0000800.ckpt")
+    pipe.save(pipe("a red circle moving left"), "left.mp4")
+
+A pipeline is built from a training checkpoint of any stage (a ``.ckpt`` file or a sharded DeepSpeed / FSDP2
+directory: joint, HQ, refine, reward with its adapters, distill with the LCM sampler), from released weights plus a
+run config (:meth:`VideoPipeline.from_config`), or from a stage in memory (:meth:`VideoPipeline.from_stage`, which
+shares the stage's modules: the validation-video callback). It builds no optimizer, no reward model and no
+teacher. Conditions are the UNet's own (:mod:`vgen.models.conditions`): their values come from the prompts, the
+reference frames (a first-frame image), the fps, or explicitly from ``conditions=``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vgen.diffusion import Diffusion, ddim_invert, ddim_sample, denoise_from, lcm_sample, sdedit_timesteps
+from vgen.models.adapters import Adapter, adapter_parameter_names, file_has_adapter_keys
+from vgen.models.conditions import ConditionError, ConditionInputs
+from vgen.models.conditions.classifier_free import guidance_pair
+from vgen.models.encoding import FrozenEncoding
+from vgen.stages.options import NEGATIVE_PROMPT, DistillOptions
+
+log = logging.getLogger(__name__)
+
+Sampler = Callable[..., torch.Tensor]
+
+
+class PipelineError(ValueError):
+    """A pipeline cannot be built or run as asked (the message says what to change)."""
+
+
+def _sample_ddim(pipe: VideoPipeline, x_T: torch.Tensor, cond: dict, uncond: dict, *, steps: int | None,
+                 guidance: float | None, generator: torch.Generator, seed: int, eta: float | None = None
+                 ) -> torch.Tensor:
+    d = pipe.diffusion
+    return ddim_sample(pipe.unet, x_T, d.param, steps or d.ddim_steps, cond=cond, uncond=uncond,
+                       guidance_scale=d.guidance_scale if guidance is None else guidance,
+                       eta=d.ddim_eta if eta is None else eta, generator=generator,
+                       frame_correlation=d.frame_noise_correlation)
+
+
+def _sample_lcm(pipe: VideoPipeline, x_T: torch.Tensor, cond: dict, uncond: dict, *, steps: int | None,
+                guidance: float | None, generator: torch.Generator, seed: int, eta: float | None = None
+                ) -> torch.Tensor:
+    if guidance is not None:
+        raise PipelineError("guidance does not apply to sampler=lcm (consistency sampling uses no classifier-free "
+                            "guidance)")
+    lcm = pipe.lcm or DistillOptions()
+    renoise = torch.Generator(device=x_T.device).manual_seed(seed + 1_000_003)  # never x_T's noise
+    return lcm_sample(pipe.unet, x_T, pipe.diffusion.param, steps or lcm.sample_steps, cond=cond,
+                      original_steps=lcm.solver_steps, sigma_data=lcm.sigma_data,
+                      timestep_scaling=lcm.timestep_scaling, eta=1.0 if eta is None else eta, generator=renoise,
+                      frame_correlation=pipe.diffusion.frame_noise_correlation)
+
+
+# ``sampler=`` of vgen.sample and VideoPipeline.__call__: name -> fn(pipe, x_T, cond, uncond, *, steps, guidance,
+# generator (x_T's, continued), seed, eta) -> clean latents.
+SAMPLERS: dict[str, Sampler] = {"ddim": _sample_ddim, "lcm": _sample_lcm}
+
+
+class _WithNegativePrompt:
+    """The pipeline's encoders with another negative prompt (one sampling call's ``negative_prompt``)."""
+
+    def __init__(self, pipe: VideoPipeline, prompt: str):
+        self._pipe, self._prompt = pipe, prompt
+
+    def negative_embedding(self, batch_size: int) -> torch.Tensor:
+        return self._pipe.prompt_embedding(self._prompt, batch_size)
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipe, name)
+
+
+class VideoPipeline(FrozenEncoding, nn.Module):
+    """Text(+image)-to-video inference. Build it with :meth:`from_checkpoint`, :meth:`from_config` or
+    :meth:`from_stage`; call it with prompts; :meth:`refine` runs a video through a refinement model.
+
+    Args:
+        unet: the denoiser, with its adapters applied and weights loaded.
+        diffusion: the recipe's schedule, parameterisation and sampler defaults.
+        vae, text_encoder, image_encoder: frozen encoders (image encoder for image-embedding conditions).
+        negative_prompt: the unconditional text of classifier-free guidance (None = VGen's).
+        adapters: the adapters applied to ``unet`` (kept for :meth:`merge_adapters`).
+        sampler: default sampler (``ddim``; ``lcm`` for consistency-distilled checkpoints).
+        lcm: the distillation settings LCM sampling needs (solver grid, boundary scalings, default steps).
+        noise_levels: a refinement model's SDEdit start level (``refine``).
+        defaults: ``num_frames``, ``height``, ``width``, ``fps`` of the training run.
+    """
+
+    def __init__(self, unet: nn.Module, diffusion: Diffusion, vae: nn.Module, text_encoder: nn.Module,
+                 image_encoder: nn.Module | None = None, *, negative_prompt: str | None = None,
+                 adapters: Mapping[str, Adapter] | None = None, sampler: str = "ddim",
+                 lcm: DistillOptions | None = None, noise_levels: int | None = None,
+                 defaults: Mapping[str, int] | None = None):
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise PipelineError(f"sampler={sampler} is not one of {list(SAMPLERS)}")
+        self.unet, self.diffusion = unet, diffusion
+        self.vae, self.text_encoder, self.image_encoder = vae, text_encoder, image_encoder
+        self.negative_prompt = NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        self.adapters = dict(adapters or {})
+        self.sampler, self.lcm, self.noise_levels = sampler, lcm, noise_levels
+        self.defaults = {"num_frames": 8, "height": 32, "width": 32, "fps": 8, **(defaults or {})}
+        self._prompt_cache = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def samplers(self) -> list[str]:
+        """The samplers this model supports (LCM only for consistency-distilled models)."""
+        return ["lcm", "ddim"] if self.lcm is not None else ["ddim"]
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether every call needs reference frames (``images``: image-to-video)."""
+        return any(c.uses_reference and c.required and c.from_batch for c in self.unet.conditions.values())
+
+    @property
+    def uses_reference(self) -> bool:
+        return any(c.uses_reference and c.from_batch for c in self.unet.conditions.values())
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_stage(cls, stage) -> VideoPipeline:
+        """A pipeline over a training stage's own modules (no copy): its UNet, encoders, diffusion, negative prompt
+        and adapters; a distillation stage's LCM settings; a refinement stage's noise levels."""
+        lcm = getattr(stage, "distill_cfg", None)
+        return cls(stage.unet, stage.diffusion, stage.vae, stage.text_encoder, stage.image_encoder,
+                   negative_prompt=stage.negative_prompt, adapters=stage.adapters,
+                   sampler="lcm" if lcm is not None else "ddim", lcm=lcm,
+                   noise_levels=getattr(stage, "noise_levels", None))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], weights: str | Path | Mapping[str, torch.Tensor] | None = None,
+                    *, format: str = "auto", base_weights: Mapping[str, Any] | None = None) -> VideoPipeline:
+        """A pipeline from a resolved run config (``model``, ``diffusion``, ``stage``, ``data``) and UNet weights:
+        a state dict (vgen keys: the whole UNet, or only its adapters when ``base_weights`` names the base), or a
+        released weights file (any format of :func:`vgen.checkpoint.original.init_unet`). The frozen encoders load
+        their own weights files, named in the config."""
+        from hydra.utils import instantiate
+
+        from vgen.checkpoint.original import init_unet
+
+        model, stage = config.get("model", {}), config.get("stage", {})
+        if "unet" not in model or "diffusion" not in config:
+            raise PipelineError("the run config has no model.unet or diffusion (not written by vgen.train)")
+        unet = instantiate(model["unet"])
+        adapters = {name: instantiate(spec) for name, spec in (stage.get("adapters") or {}).items()}
+        base = base_weights
+        if base is not None:  # adapter-only weights: the base first (a file with adapters loads after them)
+            if file_has_adapter_keys(base["path"], list(adapters.values())):
+                _apply(unet, adapters)
+                init_unet(unet, base["path"], base.get("format", "auto"))
+            else:
+                init_unet(unet, base["path"], base.get("format", "auto"))
+                _apply(unet, adapters)
+        else:
+            _apply(unet, adapters)
+        if isinstance(weights, (str, Path)):
+            init_unet(unet, weights, format)
+        elif weights is not None:
+            _load_weights(unet, dict(weights), adapters if base is not None else None)
+        distill = stage.get("distill")
+        data, shown = config.get("data") or {}, (config.get("callbacks") or {}).get("sample_videos") or {}
+        width, height = data.get("resolution") or [shown.get("width", 32), shown.get("height", 32)]
+        defaults = {"num_frames": data.get("num_frames", 8), "height": height, "width": width,
+                    "fps": data.get("sample_fps", 8)}
+        lcm = DistillOptions(**distill) if distill is not None else None
+        return cls(unet.eval(), instantiate(config["diffusion"]), instantiate(model["vae"]),
+                   instantiate(model["text_encoder"]),
+                   instantiate(model["image_encoder"]) if model.get("image_encoder") else None,
+                   negative_prompt=(stage.get("conditioning") or {}).get("negative_prompt"), adapters=adapters,
+                   sampler="lcm" if lcm is not None else "ddim", lcm=lcm,
+                   noise_levels=stage.get("noise_levels"), defaults=defaults)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, *, ema: bool | None = None) -> VideoPipeline:
+        """A pipeline from a vgen training checkpoint of any stage (``.ckpt`` file or sharded directory).
+
+        ``ema``: None = the EMA weights when the checkpoint has them, True = require them, False = raw weights.
+        Adapter-only checkpoints (reward fine-tuning) load their base weights from the file they name.
+        """
+        from vgen.checkpoint.export import load_unet_weights
+
+        try:
+            weights, meta = load_unet_weights(checkpoint, ema=ema is not False)
+        except KeyError:  # no EMA weights saved (stage.ema.enabled=false)
+            if ema:
+                raise
+            weights, meta = load_unet_weights(checkpoint, ema=False)
+        config = meta.get("vgen_config")
+        if config is None:
+            raise PipelineError(f"{checkpoint} has no vgen_config (not written by vgen.train)")
+        base = meta.get("base_weights")
+        if base is not None and not Path(base["path"]).exists():
+            raise PipelineError(f"{checkpoint} holds adapters only; their base weights {base['path']} (stage.init.path "
+                                "of the run) are missing")
+        return cls.from_config(config, weights, base_weights=base)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        negative_prompt: str | None = None,
+        images: torch.Tensor | None = None,
+        fps: int | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        conditions: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Videos [B, 3, F, H, W] in [-1, 1] for ``prompts``.
+
+        ``images`` ([B, 3, H, W] in [-1, 1]) are the first frames of image-to-video models; ``conditions`` gives
+        condition values by name directly (e.g. a TF-T2V image embedding, or a condition of your own); ``fps``
+        is the fps condition of fps-conditioned models. Defaults come from the training run; ``sampler`` is
+        ``ddim`` (classifier-free guidance against each condition's null) or ``lcm`` (distilled models).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        b = len(prompts)
+        num_frames = num_frames or self.defaults["num_frames"]
+        height, width = height or self.defaults["height"], width or self.defaults["width"]
+        fps = fps or self.defaults["fps"]
+        sampler = sampler or self.sampler
+        if sampler not in self.samplers:
+            raise PipelineError(f"sampler={sampler} is not available for this model; valid choices: "
+                                f"{', '.join(self.samplers)}")
+        ds = getattr(self.vae, "downsample", 1)
+        if height % ds or width % ds:
+            raise PipelineError(f"height/width must be multiples of the VAE downsampling factor {ds}")
+        device = self.device
+        batch: dict[str, Any] = {"caption": prompts, "fps": torch.full((b,), int(fps), device=device)}
+        latents = None
+        if images is not None:
+            if not self.uses_reference:
+                raise PipelineError("this model takes no image (no condition reads reference frames): drop image")
+            if images.ndim != 4 or images.shape[0] != b or images.shape[1] != 3:
+                raise PipelineError(f"images must be [B={b}, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+            images = images.to(device, torch.float32)
+            if images.shape[-2:] != (height, width):
+                images = F.interpolate(images, size=(height, width), mode="bilinear", antialias=True,
+                                       align_corners=False)
+            batch["video"] = images[:, :, None]
+            latents = self.vae.encode(batch["video"])
+        elif self.needs_reference:
+            raise PipelineError("this model is image-to-video: pass a first-frame image per prompt (image=)")
+        encoders = self if negative_prompt is None else _WithNegativePrompt(self, negative_prompt)
+        values = self.condition_values(ConditionInputs(batch=batch, encoders=encoders, num_frames=num_frames,
+                                                       latents=latents))
+        for name, value in (conditions or {}).items():
+            if name not in self.unet.conditions:
+                raise PipelineError(f"unknown condition {name!r}; this model's conditions: {list(self.unet.conditions)}")
+            values[name] = torch.as_tensor(value, device=device)
+        cond, uncond = guidance_pair(self.unet.conditions, values, encoders)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        shape = (b, self.vae.latent_channels, num_frames, height // ds, width // ds)
+        noise = self.diffusion.noise(shape, generator=generator, device=device)
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            out = SAMPLERS[sampler](self, noise, cond, uncond, steps=steps, guidance=guidance, generator=generator,
+                                    seed=seed, eta=eta)
+        except ConditionError as err:
+            raise PipelineError(str(err)) from None
+        finally:
+            self.unet.train(was_training)
+        return self.vae.decode(out).clamp(-1, 1)
+
+    @torch.no_grad()
+    def refine(self, videos: torch.Tensor, prompts: str | Sequence[str], *, height: int | None = None,
+               width: int | None = None, steps: int | None = None, guidance: float | None = None,
+               noise_levels: int | None = None, invert: bool = False, negative_prompt: str | None = None,
+               seed: int = 0) -> torch.Tensor:
+        """SDEdit refinement (the cascade's second stage): low-resolution videos [B, 3, F, h, w] in [-1, 1] are
+        resized, VAE-encoded, noised to ``noise_levels - 1`` (forward process, or deterministic DDIM inversion with
+        ``invert``) and denoised with guided DDIM -> videos [B, 3, F, height, width]."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if videos.ndim != 5 or videos.shape[1] != 3 or videos.shape[0] != len(prompts):
+            raise PipelineError(f"videos must be [B={len(prompts)}, 3, F, H, W] in [-1, 1], got {tuple(videos.shape)}")
+        levels = noise_levels or self.noise_levels or self.diffusion.param.num_timesteps
+        height, width = height or self.defaults["height"], width or self.defaults["width"]
+        steps = steps or self.diffusion.ddim_steps
+        b, _, frames = videos.shape[:3]
+        device = self.device
+        videos = videos.to(device, torch.float32)
+        folded = videos.transpose(1, 2).reshape(b * frames, 3, *videos.shape[-2:])
+        folded = F.interpolate(folded, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        upsampled = folded.reshape(b, frames, 3, height, width).transpose(1, 2).clamp(-1, 1)
+        latents = self.vae.encode(upsampled)
+        encoders = self if negative_prompt is None else _WithNegativePrompt(self, negative_prompt)
+        values = self.condition_values(ConditionInputs(batch={"caption": prompts}, encoders=encoders,
+                                                       num_frames=frames, latents=None))
+        cond, uncond = guidance_pair(self.unet.conditions, values, encoders)
+        param = self.diffusion.param
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            if invert:
+                x = ddim_invert(self.unet, latents, param, steps, model_kwargs=uncond, num_levels=levels)
+            else:
+                generator = torch.Generator(device=device).manual_seed(seed)
+                noise = self.diffusion.noise(latents.shape, generator=generator, device=device)
+                x = param.q_sample(latents, torch.full((b,), levels - 1, dtype=torch.long, device=device), noise)
+            scale = self.diffusion.guidance_scale if guidance is None else guidance
+            latents = denoise_from(self.unet, x, param, sdedit_timesteps(levels, steps), cond=cond, uncond=uncond,
+                                   guidance_scale=scale)
+        finally:
+            self.unet.train(was_training)
+        return self.vae.decode(latents).clamp(-1, 1)
+
+    # ------------------------------------------------------------------ adapters and output
+    def merge_adapters(self) -> None:
+        """Fold every adapter into the base weights (faster inference; unsharded weights only)."""
+        for adapter in self.adapters.values():
+            adapter.merge(self.unet)
+
+    @staticmethod
+    def save(video: torch.Tensor, path: str | Path, fps: int = 8, upscale: int = 1) -> Path:
+        """Write ``video`` ([3, F, H, W] or a batch of one, in [-1, 1]) as an H.264 mp4; ``upscale`` enlarges
+        each pixel to a block (for viewing tiny videos)."""
+        from vgen.media import to_uint8_frames, write_mp4
+
+        if video.ndim == 5:
+            if video.shape[0] != 1:
+                raise PipelineError(f"save writes one video; got a batch of {video.shape[0]}")
+            video = video[0]
+        frames = to_uint8_frames(video)
+        if upscale > 1:
+            frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+        return write_mp4(frames, path, fps=fps)
+
+
+def _apply(unet: nn.Module, adapters: Mapping[str, Adapter]) -> None:
+    for adapter in adapters.values():
+        adapter.apply(unet)
+
+
+def _load_weights(unet: nn.Module, weights: dict[str, torch.Tensor], adapters: Mapping[str, Adapter] | None) -> None:
+    """Strictly: the whole UNet, or (``adapters`` given) exactly the adapters' parameters onto the loaded base."""
+    if adapters is None:
+        unet.load_state_dict(weights, strict=True)
+        return
+    expected = set(adapter_parameter_names(unet, adapters))
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise PipelineError(f"the checkpoint's adapter weights do not match its adapters: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}")
+    unet.load_state_dict({**unet.state_dict(), **weights}, strict=True)
