@@ -23,3 +23,14 @@ def reference():
 
 def load_reference_json(name: str) -> dict:
     return json.loads((reference_dir() / name).read_text())
+
+
+def compose_unet_config(name: str, *overrides: str):
+    """The resolved ``model.unet`` config of ``conf/model/unet/<name>.yaml`` (composed from the root config, so its
+    condition defaults from ``conf/model/condition`` apply)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"model/unet={name}", *overrides]).model.unet

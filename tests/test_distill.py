@@ -329,16 +329,20 @@ def test_released_vgen_weights_as_teacher(text_encoder, tmp_path):
         make_stage(text_encoder, tmp_path / "broken.pth").setup("fit")
 
 
-def test_lcm_generate_is_deterministic_and_refuses_guidance(text_encoder, tmp_path):
+def test_lcm_sampling_of_a_stage_is_deterministic_and_refuses_guidance(text_encoder, tmp_path):
+    from vgen.pipeline import VideoPipeline
+
     stage = make_stage(text_encoder, teacher_checkpoint(tmp_path / "t.ckpt", tiny_unet(0)))
+    pipe = VideoPipeline.from_stage(stage)
+    assert pipe.sampler == "lcm" and pipe.samplers == ["lcm", "ddim"]
     kwargs = {"num_frames": 2, "height": 8, "width": 8, "seed": 3}
-    a = stage.generate(["a red circle moving left"], steps=2, **kwargs)
-    b = stage.generate(["a red circle moving left"], steps=2, **kwargs)
+    a = pipe(["a red circle moving left"], steps=2, **kwargs)
+    b = pipe(["a red circle moving left"], steps=2, **kwargs)
     assert a.shape == (1, 3, 2, 8, 8) and torch.equal(a, b)
-    assert not torch.equal(a, stage.generate(["a red circle moving left"], steps=1, **kwargs))
-    assert stage.diffusion.guidance_scale == 9.0, "generate must restore the stage's DDIM settings"
-    with pytest.raises(ValueError, match="guidance applies to sampler=ddim only"):
-        stage.generate(["x"], guidance=3.0, **kwargs)
+    assert not torch.equal(a, pipe(["a red circle moving left"], steps=1, **kwargs))
+    assert not torch.equal(a, pipe(["a red circle moving left"], steps=2, sampler="ddim", **kwargs))
+    with pytest.raises(ValueError, match="guidance does not apply to sampler=lcm"):
+        pipe(["x"], guidance=3.0, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -374,9 +378,8 @@ def test_distill_a_trained_teacher_resume_and_sample(demo_data, tmp_path):
     run_training(["experiment=demo", "trainer.max_steps=1", *common], tmp_path / "teacher")
     teacher = tmp_path / "teacher" / "checkpoints" / "step0000001.ckpt"
     teacher_bytes = teacher.read_bytes()
-    # the experiment's TF-T2V options (image tokens, VideoComposer channels) are off in the demo teacher
-    distill = ["experiment=videolcm_distill", "model/unet=demo", "model.unet.image_tokens=0",
-               "model.unet.image_token_hidden=0", "model.unet.concat_channels=0", *common]
+    # the student gets the demo teacher's UNet (not the experiment's TF-T2V one)
+    distill = ["experiment=videolcm_distill", "model/unet=demo", *common]
     # the teacher has the demo UNet (frame-index encoding in temporal attention): the t2v default is refused
     with pytest.raises(ConfigError, match="model.unet differs from the teacher's UNet in temporal_position"):
         run_training(["experiment=videolcm_distill", *common, f"stage.teacher.checkpoint={teacher}"],

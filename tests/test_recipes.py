@@ -17,7 +17,7 @@ from vgen.models.text_encoder import OpenCLIPTextEncoder
 from vgen.models.vae import IdentityAutoencoder
 from vgen.stages import HQFinetuneStage, ImagePretrainStage, JointImageVideoStage, RefinementStage
 from vgen.stages.joint import temporal_coherence_loss
-from vgen.stages.refine import denoise_from, sdedit_timesteps
+from vgen.diffusion import denoise_from, sdedit_timesteps
 
 RECIPES = {  # experiment -> reference manifest of the original network it trains
     "i2vgen_stage1": "i2vgen_xl_unet", "i2vgen_stage2": "i2vgen_xl_unet", "i2vgen_stage3": "i2vgen_xl_unet",
@@ -72,12 +72,14 @@ def encoders():
     return OpenCLIPTextEncoder("tiny"), OpenCLIPImageEncoder("tiny")
 
 
-def make_stage(cls, encoders, unet_overrides=None, **kwargs):
+def make_stage(cls, encoders, unet_overrides=None, text_dropout=None, **kwargs):
     torch.manual_seed(0)
     unet = UNet3D(**{**PIXEL_TINY, **(unet_overrides or {})})
     with torch.no_grad():
         for p in unet.parameters():  # no zero-initialised layer: every path is live
             p.normal_(0, 0.05)
+    if text_dropout is not None:
+        unet.conditions["text"].dropout = text_dropout
     text, image = encoders
     kwargs.setdefault("ema", {"enabled": False})
     return cls(unet, build_diffusion(), IdentityAutoencoder(), text, image, **kwargs)
@@ -96,7 +98,7 @@ class Spy(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet, self.calls = unet, []
-        self.config = unet.config
+        self.config, self.conditions = unet.config, unet.conditions
 
     def forward(self, x, t, **kwargs):
         self.calls.append({k: v.detach().clone() for k, v in kwargs.items()})
@@ -115,7 +117,7 @@ def test_temporal_coherence_loss_on_a_hand_computed_case():
 
 
 def test_coherence_loss_adds_weight_times_its_value_on_video_batches(encoders):
-    stages = {w: make_stage(JointImageVideoStage, encoders, conditioning={"p_zero": 0.0}, coherence_loss_weight=w).eval()
+    stages = {w: make_stage(JointImageVideoStage, encoders, text_dropout=0.0, coherence_loss_weight=w).eval()
               for w in (0.0, 0.5)}
     batch = make_batch(["a red circle moving left", "a blue square moving up"], frames=4)
     losses = {}
@@ -144,7 +146,7 @@ def test_coherence_loss_adds_weight_times_its_value_on_video_batches(encoders):
 
 def tft2v_stage(encoders, mode):
     return make_stage(JointImageVideoStage, encoders, {"image_tokens": 4, "image_dim": 32, "concat_channels": 8},
-                      conditioning={"p_zero": 0.0}, text_free={"mode": mode, "image_frame": "middle"})
+                      text_dropout=0.0, text_free={"mode": mode})
 
 
 def test_text_free_samples_get_null_text_and_an_image_embedding(encoders):
@@ -179,7 +181,7 @@ def test_all_videos_mode_trains_clips_text_free_and_stills_with_text(encoders):
 
 
 def test_text_free_needs_image_tokens(encoders):
-    with pytest.raises(ValueError, match="stage.text_free.mode=all_videos needs image tokens"):
+    with pytest.raises(ValueError, match="stage.text_free.mode=all_videos needs an image-token condition"):
         make_stage(JointImageVideoStage, encoders, text_free={"mode": "all_videos"})
     with pytest.raises(ValueError, match="stage.text_free.mode must be one of"):
         make_stage(JointImageVideoStage, encoders, text_free={"mode": "sometimes"})
@@ -190,7 +192,7 @@ I2V = {"first_frame_condition": True, "fps_condition": True, "image_tokens": 2, 
 
 
 def test_i2vgen_joint_dropout_is_the_released_unconditional_branch(encoders):
-    stage = make_stage(JointImageVideoStage, encoders, I2V, conditioning={"p_zero": 0.0, "p_joint_zero": 1.0})
+    stage = make_stage(JointImageVideoStage, encoders, I2V, text_dropout=0.0, conditioning={"p_joint_zero": 1.0})
     batch = make_batch(["a red circle moving left", "a blue square"], frames=3)
     latents = stage.encode_video(batch["video"])
     cond = stage.training_conditions(batch, latents)
@@ -198,7 +200,7 @@ def test_i2vgen_joint_dropout_is_the_released_unconditional_branch(encoders):
     assert torch.equal(cond["image"], torch.zeros(2, 1, 32))
     assert torch.equal(cond["first_frame"], latents[:, :, :1])  # the first frame is kept
     assert cond["fps"].tolist() == [8, 8]
-    keep = make_stage(JointImageVideoStage, encoders, I2V, conditioning={"p_zero": 0.0, "p_joint_zero": 0.0})
+    keep = make_stage(JointImageVideoStage, encoders, I2V, text_dropout=0.0, conditioning={"p_joint_zero": 0.0})
     cond = keep.training_conditions(batch, latents)
     torch.testing.assert_close(cond["image"], encoders[1](batch["video"][:, :, 0]))
     with pytest.raises(ValueError, match="p_joint_zero"):
@@ -206,7 +208,7 @@ def test_i2vgen_joint_dropout_is_the_released_unconditional_branch(encoders):
 
 
 def test_i2vgen_stills_are_not_their_own_condition(encoders):
-    stage = make_stage(JointImageVideoStage, encoders, I2V, conditioning={"p_zero": 0.0})
+    stage = make_stage(JointImageVideoStage, encoders, I2V, text_dropout=0.0)
     still = make_batch(["a red circle"], frames=1)
     cond = stage.training_conditions(still, stage.encode_video(still["video"]))
     assert not cond["first_frame"].any() and not cond["image"].any()

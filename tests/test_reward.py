@@ -15,7 +15,7 @@ from conftest import CONF_DIR
 from vgen.checkpoint.original import to_vgen_state_dict
 from vgen.diffusion import build_diffusion, ddim_sample
 from vgen.models import UNet3D
-from vgen.models.lora import apply_lora, load_lora, lora_parameter_names, lora_state_dict
+from vgen.models.lora import LoRA, apply_lora, load_lora, lora_parameter_names, lora_state_dict
 from vgen.models.text_encoder import TINY_CLIP, OpenCLIPTextEncoder, build_clip
 from vgen.models.vae import IdentityAutoencoder
 from vgen.rewards import (
@@ -25,7 +25,7 @@ from vgen.rewards import (
     HPSv2Reward,
     WeightedSum,
     attenuation_weights,
-    ddim_step,
+    guided_ddim_step,
     partial_ddim_chain,
     partial_timesteps,
     segment_frame_indices,
@@ -106,7 +106,7 @@ def test_gradient_reaches_the_model_only_through_the_last_k_steps():
         x_in, _ = partial_ddim_chain(model, param, x, partial_timesteps(1000, 20, 0.6)[:-1], 50, cond=cond,
                                      uncond=uncond, guidance=3.0, grad_steps=0)
     model.theta.grad = None
-    x_out, _ = ddim_step(model, param, x_in, torch.tensor([1, 1]), torch.tensor([0, 0]), cond, uncond, 3.0)
+    x_out, _ = guided_ddim_step(model, param, x_in, torch.tensor([1, 1]), torch.tensor([0, 0]), cond, uncond, 3.0)
     x_out.square().mean().backward()
     assert torch.equal(grad1, model.theta.grad) and torch.equal(out1, x_out.detach())
 
@@ -218,11 +218,23 @@ def tiny_unet(seed=0):
     return unet
 
 
-def make_stage(**kwargs):
+def make_stage(base=None, lora=None, **kwargs):
+    """The stage on ``tiny_unet()`` (from the weights file ``base`` when given: checkpoints then name it and hold
+    the adapters only)."""
     tuning = {"tau": 0.2, "ddim_steps": 10, "segments": 2, **kwargs.pop("tuning", {})}
-    return RewardFinetuneStage(tiny_unet(), build_diffusion("linear_sd", prediction="eps"), IdentityAutoencoder(),
-                               OpenCLIPTextEncoder("tiny"), ColorReward([1, 0, 0]), tuning=tuning,
-                               optim={"lr": 5e-3, "warmup_steps": 0}, **kwargs)
+    init = {"path": str(base)} if base is not None else None
+    return RewardFinetuneStage(tiny_unet(1 if base else 0), build_diffusion("linear_sd", prediction="eps"),
+                               IdentityAutoencoder(), OpenCLIPTextEncoder("tiny"), ColorReward([1, 0, 0]),
+                               tuning=tuning, optim={"lr": 5e-3, "warmup_steps": 0}, init=init,
+                               adapters={"lora": LoRA(**(lora or {}))}, **kwargs)
+
+
+@pytest.fixture
+def base(tmp_path):
+    """``tiny_unet()`` saved as an original-format release."""
+    path = tmp_path / "base.pth"
+    torch.save(to_vgen_state_dict(tiny_unet()), path)
+    return path
 
 
 def batch(seed=0):
@@ -230,13 +242,16 @@ def batch(seed=0):
     return {"video": torch.rand(2, 3, 4, 8, 8, generator=g) * 2 - 1, "caption": ["a red circle", "a blue square"]}
 
 
-def test_stage_trains_only_lora_and_a_gradient_step_raises_the_reward():
-    stage = make_stage()
+def test_stage_trains_only_lora_and_a_gradient_step_raises_the_reward(base):
+    stage = make_stage(base)
+    loaded = stage.unet.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in tiny_unet().state_dict().items())  # the base file loaded
     names = set(lora_parameter_names(stage.unet))
     params = {id(p): n for n, p in stage.unet.named_parameters()}
     optimizer = stage.configure_optimizers()["optimizer"]
     assert {params[id(p)] for group in optimizer.param_groups for p in group["params"]} == names
     assert set(stage.state_dict()) == {f"unet.{n}" for n in names}  # checkpoints hold the adapters only
+    assert set(make_stage().state_dict()) == {f"unet.{n}" for n in stage.unet.state_dict()}  # unnamed base: all
     before = {k: v.clone() for k, v in stage.unet.state_dict().items()}
     rewards = []
     stage.log = lambda name, value, **kw: rewards.append(float(value)) if name == "train/reward" else None
@@ -276,8 +291,8 @@ def test_stage_builds_a_graph_for_the_last_k_unet_calls_only():
     assert all(g is not None for g in lora_grads) and sum(g.abs().sum() for g in lora_grads) > 0
 
 
-def test_stage_checkpoint_round_trip_and_bad_options():
-    stage, other = make_stage(), make_stage()
+def test_stage_checkpoint_round_trip_and_bad_options(base):
+    stage, other = make_stage(base), make_stage(base)
     with torch.no_grad():
         for n, p in stage.unet.named_parameters():
             if "lora_up" in n:
@@ -291,8 +306,11 @@ def test_stage_checkpoint_round_trip_and_bad_options():
         make_stage(tuning={"grad_steps": 3})  # int(0.2 * 10) = 2 steps
     with pytest.raises(ValueError, match="stage.tuning.sigma"):
         make_stage(tuning={"sigma": 1})
-    with pytest.raises(ValueError, match="stage.lora.bogus"):
-        make_stage(lora={"bogus": 1})
+    with pytest.raises(ValueError, match="stage.adapters.lora: lora rank"):
+        make_stage(lora={"rank": 0})
+    with pytest.raises(ValueError, match="stage.adapters is empty"):
+        make_stage().__class__(tiny_unet(), build_diffusion(), IdentityAutoencoder(), OpenCLIPTextEncoder("tiny"),
+                               ColorReward([1, 0, 0]))
 
 
 def test_kl_regulariser_is_logged_and_trained_against():
@@ -337,7 +355,8 @@ def test_instructvideo_tiny_trains_resumes_and_exports(tmp_path, monkeypatch):
     assert trainer.global_step == 3
     first = torch.load(out / "checkpoints" / "step0000002.ckpt", map_location="cpu", weights_only=True)
     last = torch.load(out / "checkpoints" / "step0000003.ckpt", map_location="cpu", weights_only=True)
-    assert last["lora"]["rank"] == 4 and last["lora"]["alpha"] is None
+    assert last["adapters"]["lora"]["config"]["rank"] == 4 and last["adapters"]["lora"]["config"]["alpha"] is None
+    assert last["base_weights"] == {"path": str(tmp_path / "base.pth"), "format": "auto"}
     assert set(last["state_dict"]) == set(first["state_dict"])
     assert all(".lora_down." in k or ".lora_up." in k for k in last["state_dict"])
     assert any(not torch.equal(first["state_dict"][k], v) for k, v in last["state_dict"].items())

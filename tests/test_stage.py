@@ -11,7 +11,7 @@ from vgen.models import UNet3D
 from vgen.models.text_encoder import OpenCLIPTextEncoder
 from vgen.models.vae import IdentityAutoencoder
 from vgen.stages import JointImageVideoStage
-from vgen.stages.base import NEGATIVE_PROMPT
+from vgen.stages.options import NEGATIVE_PROMPT
 from vgen.training.ema import EMA
 from vgen.training.optim import warmup_decay_lambda
 
@@ -24,11 +24,12 @@ def text_encoder():
     return OpenCLIPTextEncoder("tiny")
 
 
-def make_stage(text_encoder, **conditioning):
+def make_stage(text_encoder, p_zero=0.1, **conditioning):
     torch.manual_seed(0)
     unet = UNet3D(**TINY)
     for p in unet.parameters():  # no zero-initialised layers: every gradient is non-trivial
         torch.nn.init.normal_(p, std=0.05)
+    unet.conditions["text"].dropout = p_zero  # the text condition's own classifier-free dropout
     return JointImageVideoStage(unet, build_diffusion(), IdentityAutoencoder(), text_encoder,
                                 ema={"decay": 0.9}, conditioning=conditioning)
 
@@ -135,8 +136,10 @@ def test_latent_batches_train_exactly_as_the_pixel_batches_they_encode(text_enco
         unet = UNet3D(**{**TINY, "in_channels": 4, "out_channels": 4, **conditions})
         for p in unet.parameters():
             torch.nn.init.normal_(p, std=0.05)
-        return JointImageVideoStage(unet, build_diffusion(), vae, text_encoder, image_encoder, ema={"enabled": False},
-                                    conditioning={"p_zero": 0.5, "p_image_zero": 0.5 if i2v else 0.0})
+        unet.conditions["text"].dropout = 0.5
+        if i2v:
+            unet.conditions["image"].dropout = 0.5
+        return JointImageVideoStage(unet, build_diffusion(), vae, text_encoder, image_encoder, ema={"enabled": False})
 
     pixels = batch(b=4)
     pixels["caption"] = ["a red circle moving left", "a blue square", "green", "a yellow star moving up"]

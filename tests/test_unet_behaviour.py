@@ -109,7 +109,7 @@ def test_clear_errors():
         UNet3D(**{**TINY, "model_channels": 48})
     model = UNet3D(**TINY).eval()
     x, t, text = _inputs()
-    with pytest.raises(ValueError, match="text context is required"):
+    with pytest.raises(ValueError, match="needs the condition .text."):
         model(x, t)
     with pytest.raises(ValueError, match="divisible by 2"):
         model(torch.randn(2, 4, 3, 9, 8), t, text=text)

@@ -81,13 +81,7 @@ def _probe_inputs(unet: nn.Module, batch: int, frames: int, height: int, width: 
     cfg = unet.config
     x = torch.randn(batch, cfg.in_channels, frames, height, width, dtype=dtype)
     t = torch.randint(0, 1000, (batch,))
-    kwargs = {"text": torch.randn(batch, 77, cfg.context_dim, dtype=dtype)}
-    if cfg.image_tokens:
-        kwargs["image"] = torch.randn(batch, cfg.image_dim, dtype=dtype)
-    if cfg.first_frame_condition:
-        kwargs["first_frame"] = torch.randn(batch, cfg.in_channels, 1, height, width, dtype=dtype)
-    if cfg.fps_condition:
-        kwargs["fps"] = torch.full((batch,), 8)
+    kwargs = {name: cond.example(batch, frames, height, width, dtype) for name, cond in unet.conditions.items()}
     return x, t, kwargs
 
 

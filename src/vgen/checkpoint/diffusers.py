@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from vgen.models.unet3d import UNet3D, UNet3DConfig
+from vgen.models.conditions.base import architecture_spec
+from vgen.models.unet3d import TEXT_CONDITION, UNet3D, UNet3DConfig, legacy_conditions
 
 I2VGEN_CLASS = "I2VGenXLUNet"
 T2V_CLASS = "UNet3DConditionModel"
@@ -40,7 +41,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 _RESNET_RENAMES = (("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
                    ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut."))
-_QKV = "first_frame.temporal_encoder.layers.0.0.fn.to_qkv.weight"
+_QKV = "conditions.first_frame.temporal_encoder.layers.0.0.fn.to_qkv.weight"
 _QKV_PARTS = tuple(f"image_latents_temporal_encoder.attn1.to_{p}.weight" for p in "qkv")
 
 
@@ -58,21 +59,19 @@ def diffusers_config(cfg: UNet3DConfig) -> tuple[str, dict]:
         problems.append(f"init_temporal_heads={cfg.init_temporal_heads} (diffusers uses {DIFFUSERS_TEMPORAL_IN_HEADS})")
     if cfg.decoder_context_dim != cfg.context_dim:
         problems.append("decoder_context_dim != context_dim (diffusers uses one cross_attention_dim)")
-    if getattr(cfg, "concat_channels", 0):
+    if cfg.concat_channels:
         problems.append("concat_channels (TF-T2V condition channels)")
-    i2vgen = cfg.first_frame_condition
-    if i2vgen:
-        if cfg.in_channels != 4:
-            problems.append("in_channels != 4 (diffusers' I2VGenXLUNet reads 4-channel image latents)")
-        if cfg.image_tokens != cfg.in_channels or cfg.image_dim != cfg.context_dim:
-            problems.append("image_tokens/image_dim (I2VGenXLUNet makes in_channels tokens from a context_dim-wide "
-                            "image embedding)")
-        if not cfg.fps_condition or cfg.first_frame_encoder_depth != 1:
-            problems.append("fps_condition/first_frame_encoder_depth (I2VGenXLUNet: fps on, one encoder layer)")
-        if getattr(cfg, "image_token_hidden", 0) not in (0, cfg.model_channels * 4):
-            problems.append("image_token_hidden (I2VGenXLUNet's context_embedding is 4 * model_channels wide)")
-    elif cfg.image_tokens or cfg.fps_condition:
-        problems.append("image_tokens/fps_condition without first_frame_condition (no diffusers class has them)")
+    if cfg.text_embedding or cfg.frame_embedding or cfg.scale_shift_norm:
+        problems.append("text_embedding/frame_embedding/scale_shift_norm (vgen's small-model options)")
+    conditions = cfg.architecture()["conditions"]
+    i2vgen = conditions == i2vgen_conditions(cfg)
+    if i2vgen and cfg.in_channels != 4:
+        problems.append("in_channels != 4 (diffusers' I2VGenXLUNet reads 4-channel image latents)")
+    if i2vgen and cfg.image_dim != cfg.context_dim:
+        problems.append("image_dim != context_dim (I2VGenXLUNet's image embedding is context_dim wide)")
+    if not i2vgen and conditions != {"text": architecture_spec(TEXT_CONDITION)}:
+        problems.append(f"conditions {sorted(conditions)} (diffusers has text only, or I2VGen-XL's exact set: "
+                        "text, first_frame, image with in_channels context_dim-wide tokens, fps)")
     if problems:
         raise ValueError("this UNet3D has no diffusers equivalent: " + "; ".join(problems))
     levels = len(cfg.channel_mult)
@@ -111,10 +110,21 @@ def unet_config_from_diffusers(class_name: str, config: Mapping) -> UNet3DConfig
         channel_mult=tuple(c // channels[0] for c in channels), num_res_blocks=config["layers_per_block"],
         attention_scales=tuple(0.5 ** i for i, t in enumerate(down) if t.startswith("CrossAttn")),
         head_dim=head_dim, init_temporal_heads=DIFFUSERS_TEMPORAL_IN_HEADS, context_dim=config["cross_attention_dim"],
-        decoder_context_dim=config["cross_attention_dim"], fps_condition=i2vgen,
-        image_tokens=config["in_channels"] if i2vgen else 0, image_dim=config["cross_attention_dim"],
-        first_frame_condition=i2vgen,
+        decoder_context_dim=config["cross_attention_dim"], image_dim=config["cross_attention_dim"],
+        conditions=legacy_conditions({"first_frame_condition": i2vgen, "fps_condition": i2vgen,
+                                      "image_tokens": config["in_channels"] if i2vgen else 0}),
     )
+
+
+def i2vgen_conditions(cfg: UNet3DConfig) -> dict:
+    """The architecture of I2VGen-XL's conditions as diffusers' I2VGenXLUNet has them, for a UNet like ``cfg``."""
+    conditions = legacy_conditions({"first_frame_condition": True, "fps_condition": True,
+                                    "image_tokens": cfg.in_channels})
+    return {name: architecture_spec(spec) for name, spec in conditions.items()}
+
+
+def _i2vgen(cfg: UNet3DConfig) -> bool:
+    return "first_frame" in cfg.conditions and cfg.architecture()["conditions"] == i2vgen_conditions(cfg)
 
 
 def _has_attention(cfg: UNet3DConfig, level: int) -> bool:
@@ -127,11 +137,11 @@ def _module_pairs(cfg: UNet3DConfig) -> list[tuple[str, str]]:
     pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
              ("input_blocks.0.0.", "conv_in."), ("input_blocks.0.1.", "transformer_in."),
              ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
-    if cfg.first_frame_condition:
-        encoder = "first_frame.temporal_encoder.layers.0."
-        pairs += [("fps_embed.", "fps_embedding."), ("image_tokens.mlp.", "context_embedding."),
-                  ("first_frame.concat_encoder.", "image_latents_proj_in."),
-                  ("first_frame.token_encoder.", "image_latents_context_embedding."),
+    if _i2vgen(cfg):
+        encoder = "conditions.first_frame.temporal_encoder.layers.0."
+        pairs += [("conditions.fps.mlp.", "fps_embedding."), ("conditions.image.mlp.", "context_embedding."),
+                  ("conditions.first_frame.concat_encoder.", "image_latents_proj_in."),
+                  ("conditions.first_frame.token_encoder.", "image_latents_context_embedding."),
                   (encoder + "0.norm.", "image_latents_temporal_encoder.norm1."),
                   (encoder + "0.fn.to_out.0.", "image_latents_temporal_encoder.attn1.to_out.0."),
                   (encoder + "1.net.0.0.", "image_latents_temporal_encoder.ff.net.0.proj."),
@@ -209,7 +219,7 @@ def to_diffusers_state_dict(state: Mapping[str, torch.Tensor], cfg: UNet3DConfig
         name = _rename(key, pairs, reverse=False)
         if _is_temporal_projection(name):
             value = value[..., 0]
-        elif name == "conv_in.weight" and cfg.first_frame_condition:
+        elif name == "conv_in.weight" and _i2vgen(cfg):
             value = value.clone()
             value[:, _concat_channels(cfg)] *= 2
         out[name] = value
@@ -231,7 +241,7 @@ def from_diffusers_state_dict(state: Mapping[str, torch.Tensor], cfg: UNet3DConf
         key = _rename(name, pairs, reverse=True)
         if _is_temporal_projection(name):
             value = value[..., None]
-        elif name == "conv_in.weight" and cfg.first_frame_condition:
+        elif name == "conv_in.weight" and _i2vgen(cfg):
             value = value.clone()
             value[:, _concat_channels(cfg)] /= 2
         out[key] = value

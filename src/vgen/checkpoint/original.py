@@ -30,30 +30,22 @@ from vgen.models.unet3d import UNet3D, UNet3DConfig
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 FORMATS = ("auto", "vgen", "sd21", "vgen_ckpt", "diffusers")
-_TFT2V_IMAGE_MLP = ("context_embedding.", "pre_image_condition.")
 _LDM_RESBLOCK_LAYERS = ("in_layers.", "emb_layers.", "out_layers.", "skip_connection.")
 
 
 # ---------------------------------------------------------------------------------------------- VGen checkpoints
-def _is_tft2v(cfg: UNet3DConfig) -> bool:
-    return bool(cfg.concat_channels) and bool(cfg.image_tokens) and not cfg.first_frame_condition
-
-
 def _class_name(cfg: UNet3DConfig) -> str:
-    if cfg.first_frame_condition:
+    """The original class a UNet of config ``cfg`` corresponds to (for messages)."""
+    if any(spec.get("_target_", "").endswith(".FirstFrame") for spec in cfg.conditions.values()):
         return "UNetSD_I2VGen"
     if cfg.resample == "sr600":
         return "UNetSD_SR600"
-    return "UNetSD_TFT2V" if _is_tft2v(cfg) else "UNetSD_T2VBase"
+    return "UNetSD_TFT2V" if cfg.concat_channels else "UNetSD_T2VBase"
 
 
 def to_vgen_state_dict(model: UNet3D) -> dict[str, torch.Tensor]:
-    """``model``'s weights under the original VGen key names (TF-T2V's ``pre_image_condition`` included)."""
-    state = compat.state_dict(model)
-    if _is_tft2v(model.config):
-        ours, theirs = _TFT2V_IMAGE_MLP
-        state = {theirs + k[len(ours):] if k.startswith(ours) else k: v for k, v in state.items()}
-    return dict(state)
+    """``model``'s weights under the original VGen key names (each condition's own original names)."""
+    return dict(compat.state_dict(model))
 
 
 def load_vgen_state_dict(model: UNet3D, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
@@ -68,8 +60,7 @@ def load_vgen_state_dict(model: UNet3D, state: Mapping[str, torch.Tensor], sourc
     given = {k.removeprefix("module."): v for k, v in state.items()}
     expected = {k: v.shape for k, v in to_vgen_state_dict(model).items()}
     _check_strict(expected, {k: v.shape for k, v in given.items()}, f"{source} does not match {_class_name(model.config)}")
-    ours = list(model.state_dict())
-    _assign(model, dict(zip(ours, (given[k] for k in expected))))
+    _assign(model, {ours: given[theirs] for ours, theirs in compat.original_key_map(model).items()})
 
 
 def _check_strict(expected: Mapping[str, torch.Size], given: Mapping[str, torch.Size], title: str,

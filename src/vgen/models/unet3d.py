@@ -29,7 +29,8 @@ from vgen.models.blocks import (
     fold_frames,
     unfold_frames,
 )
-from vgen.models.conditions import Condition, ConditionError, EmbeddingMLP, TextPooling, UNetDims, build_condition
+from vgen.models.conditions import ConditionError, EmbeddingMLP, TextPooling, UNetDims, build_condition
+from vgen.models.conditions.base import architecture_spec
 from vgen.models.conditions.standard import sinusoid_for
 from vgen.models.fourier import fourier_filter
 
@@ -55,8 +56,9 @@ def legacy_conditions(values: Mapping) -> dict:
                                "hidden_dim": values.get("image_token_hidden", 0)}
         if values.get("first_frame_condition"):
             conditions["image"]["stills"] = "zeros"
-        elif values.get("concat_channels"):
-            conditions["image"]["original_names"] = {"mlp.": "pre_image_condition."}
+        elif values.get("concat_channels"):  # TF-T2V: the image tokens of its text-free videos only
+            conditions["image"].update(original_names={"mlp.": "pre_image_condition."}, frame="middle",
+                                       from_batch=False)
     if values.get("fps_condition"):
         conditions["fps"] = {"_target_": "vgen.models.conditions.ScalarEmbedding",
                              "required": bool(values.get("first_frame_condition")),
@@ -133,6 +135,16 @@ class UNet3DConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def architecture(self) -> dict:
+        """The settings that decide the network's modules and computation: without the training switches
+        (dropout, gradient checkpointing) and the conditions' behaviour settings (dropout, null rules, ...).
+        Two UNets with equal architectures load each other's weights and compute the same function."""
+        values = self.to_dict()
+        for key in ("dropout", "gradient_checkpointing"):
+            values.pop(key)
+        values["conditions"] = {name: architecture_spec(spec) for name, spec in values["conditions"].items()}
+        return values
 
 
 class UNet3D(nn.Module):
@@ -237,7 +249,7 @@ class UNet3D(nn.Module):
         return [n for n, _ in self.named_parameters() if n.startswith(trunk) and n not in temporal]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, t: torch.Tensor, conditions: Mapping[str, torch.Tensor] | None = None, /,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, conditions: Mapping[str, torch.Tensor] | None = None,
                 *, keep: Mapping[str, torch.Tensor] | None = None, **named: torch.Tensor) -> torch.Tensor:
         """Denoise ``x`` at ``t`` given ``conditions`` (a mapping and/or keywords by condition name).
 

@@ -202,8 +202,8 @@ class DiffusionStage(FrozenEncoding, L.LightningModule):
         if names is not None:
             missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
             if missing or unexpected:
-                raise KeyError(f"checkpoint does not hold this run's adapters: missing {missing[:5]} "
-                               f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+                raise KeyError(f"checkpoint does not hold this run's adapters: missing {[f'unet.{k}' for k in missing[:5]]} "
+                               f"({len(missing)}), unexpected {[f'unet.{k}' for k in unexpected[:5]]} ({len(unexpected)})")
             weights = {**self.unet.state_dict(), **weights}
         return self.unet.load_state_dict(weights, strict=True, assign=assign)
 

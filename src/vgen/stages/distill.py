@@ -37,10 +37,6 @@ from vgen.training.ema import EMA
 
 log = logging.getLogger(__name__)
 
-# UNet settings that may differ between teacher and student (training-time switches, not architecture).
-_UNET_FREE_KEYS = {"dropout", "gradient_checkpointing"}
-# Condition settings that may differ (classifier-free training and guidance, not architecture).
-_CONDITION_FREE_KEYS = {"dropout", "drop_to", "guide_to", "stills", "required"}
 # Encoder settings that may differ (where the weights file lives, chunking for memory).
 _ENCODER_FREE_KEYS = {"weights", "encode_chunk", "decode_chunk"}
 
@@ -172,8 +168,8 @@ class ConsistencyDistillStage(DiffusionStage):
         if type(teacher) is not type(self.unet) or mine is None or theirs is None:
             raise ConfigError(f"{key}: the teacher is a {type(teacher).__name__}, model.unet a "
                               f"{type(self.unet).__name__}; the student must have the teacher's architecture")
-        mine, theirs = _architecture(mine.to_dict()), _architecture(theirs.to_dict())
-        differ = [k for k in mine if k not in _UNET_FREE_KEYS and mine[k] != theirs.get(k)]
+        mine, theirs = mine.architecture(), theirs.architecture()
+        differ = [k for k in mine if mine[k] != theirs.get(k)]
         if differ:
             detail = ", ".join(f"{k} (teacher {theirs.get(k)!r}, model.unet {mine[k]!r})" for k in differ[:4])
             raise ConfigError(f"{key}: model.unet differs from the teacher's UNet in {detail}; the student is "
@@ -346,9 +342,3 @@ def _full_parameters(module: nn.Module):
 
     yield {n: p.full_tensor().detach() if isinstance(p, DTensor) else p.detach() for n, p in params.items()}
 
-
-def _architecture(unet_config: dict) -> dict:
-    """A UNet config without the condition settings that are not architecture (dropout, null rules)."""
-    conditions = {name: {k: v for k, v in spec.items() if k not in _CONDITION_FREE_KEYS}
-                  for name, spec in unet_config.get("conditions", {}).items()}
-    return {**unet_config, "conditions": conditions}

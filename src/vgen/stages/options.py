@@ -48,7 +48,7 @@ def _number(group: str, key: str, value: Any, low: float | None = None, high: fl
 
 def _choice(group: str, key: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise OptionError(f"stage.{group}.{key} must be one of {list(choices)}, got {value!r}")
+        raise OptionError(f"stage.{group}.{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def parse(cls: type[T], group: str, given: Mapping | T | None) -> T:

@@ -21,6 +21,7 @@ dropout`) and guidance (:func:`guidance_pair`) are generic: one code path for ev
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -33,6 +34,9 @@ KINDS = ("concat", "tokens", "embedding", "feature")
 # drop: the condition's *output* is multiplied by zero (VideoComposer's DropPath; for summed concat = absent)
 NULL_RULES = ("zeros", "negative_prompt", "empty_prompt", "keep", "drop")
 RESERVED_NAMES = frozenset({"keep", "conditions", "x", "t"})
+# Condition settings that do not change the network (classifier-free training and guidance, value extraction).
+BEHAVIOUR_KEYS = frozenset({"dropout", "drop_to", "guide_to", "required", "stills", "from_batch", "frame",
+                            "original_names"})
 
 
 @dataclass(frozen=True)
@@ -222,3 +226,22 @@ def build_condition(name: str, spec: Mapping[str, Any] | Condition, dims: UNetDi
                          f"{sorted(RESERVED_NAMES)})")
     condition.name = name
     return condition
+
+
+def canonical_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with every constructor default filled in (its class's and :class:`Condition`'s), so two specs of
+    the same condition compare equal however many defaults they spell out."""
+    cls = _resolve(str(spec["_target_"]))
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        for name, parameter in inspect.signature(klass.__init__).parameters.items():
+            if parameter.default is not inspect.Parameter.empty and name != "dims":
+                defaults[name] = parameter.default
+    return {**defaults, **dict(spec)}
+
+
+def architecture_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a condition spec that decides its modules and their shapes."""
+    return {k: v for k, v in canonical_spec(spec).items() if k not in BEHAVIOUR_KEYS}
