@@ -18,11 +18,11 @@ import torch
 
 from vgen.data.synthetic import HELD_OUT, TRAINING_COMBOS, caption, centroid_track
 from vgen.media import to_uint8_frames
-from vgen.sample import load_stage
+from vgen.pipeline import VideoPipeline
 from vgen.training.checkpointing import find_resume_checkpoint
 
 
-def accuracy(stage, combos, seeds: int, size: int, frames: int, steps: int, guidance: float, batch: int = 8):
+def accuracy(pipe, combos, seeds: int, size: int, frames: int, steps: int, guidance: float, batch: int = 8):
     prompts = [(caption(*c), c[2], seed) for c in combos for seed in range(seeds)]
     hits, results = 0, []
     for i in range(0, len(prompts), batch):
@@ -30,8 +30,8 @@ def accuracy(stage, combos, seeds: int, size: int, frames: int, steps: int, guid
         videos = []
         for seed in sorted({s for _, _, s in chunk}):
             items = [p for p in chunk if p[2] == seed]
-            out = stage.generate([p for p, _, _ in items], num_frames=frames, height=size, width=size, steps=steps,
-                                 guidance=guidance, seed=1000 + seed)
+            out = pipe([p for p, _, _ in items], num_frames=frames, height=size, width=size, steps=steps,
+                       guidance=guidance, seed=1000 + seed)
             videos += list(zip(items, out))
         for (prompt, want, seed), video in videos:
             got = centroid_track(to_uint8_frames(video))
@@ -54,14 +54,14 @@ def main() -> int:
         print("no checkpoint: run `make demo` (or python -m vgen.train experiment=demo) first", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    stage, cfg = load_stage(checkpoint, ema=False if args.raw else None)
-    size, frames = cfg["data"]["resolution"][1], cfg["data"]["num_frames"]
-    guidance = args.guidance if args.guidance is not None else cfg["diffusion"]["guidance_scale"]
+    pipe = VideoPipeline.from_checkpoint(checkpoint, ema=False if args.raw else None)
+    size, frames = pipe.defaults["height"], pipe.defaults["num_frames"]
+    guidance = args.guidance if args.guidance is not None else pipe.diffusion.guidance_scale
     train_combos = random.Random(0).sample(TRAINING_COMBOS, len(HELD_OUT))
     print(f"checkpoint {checkpoint}: {frames} frames {size}x{size}, DDIM {args.steps} steps, CFG {guidance}, "
           f"{'raw' if args.raw else 'EMA'} weights")
     for name, combos in (("held-out prompts", HELD_OUT), ("training prompts", train_combos)):
-        acc, results = accuracy(stage, combos, args.seeds, size, frames, args.steps, guidance)
+        acc, results = accuracy(pipe, combos, args.seeds, size, frames, args.steps, guidance)
         print(f"{name}: direction accuracy {acc:.1%} over {len(results)} videos (chance 25%)")
         if args.verbose:
             for prompt, seed, want, got in results:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vgen.data.synthetic import HELD_OUT, caption, centroids, render_clip, sample_motion
-from vgen.sample import load_stage
+from vgen.pipeline import VideoPipeline
 from vgen.training.checkpointing import find_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,11 +53,11 @@ def train(experiment: str, name: str, steps: int, log_dir: Path, overrides: list
     return Path(ckpt)
 
 
-def first_frame_error(stage, cfg, seeds: int, steps: int, image_conditioned: bool) -> tuple[np.ndarray, np.ndarray]:
+def first_frame_error(pipe, seeds: int, steps: int, image_conditioned: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per video: MSE between the input image and frame 0 of the sample, and the distance (pixels) between the
     shape's centroid in both (NaN where frame 0 shows no shape)."""
-    size, frames = cfg["data"]["resolution"][1], cfg["data"]["num_frames"]
-    guidance = cfg["diffusion"]["guidance_scale"]
+    size, frames = pipe.defaults["height"], pipe.defaults["num_frames"]
+    guidance = pipe.diffusion.guidance_scale
     errors, distances = [], []
     for seed in range(seeds):
         rng = np.random.default_rng(10_000 + seed)
@@ -67,9 +67,8 @@ def first_frame_error(stage, cfg, seeds: int, steps: int, image_conditioned: boo
             prompts.append(caption(color, shape, direction))
             images.append(torch.from_numpy(clip[0]).permute(2, 0, 1).float() / 127.5 - 1)
         images = torch.stack(images)
-        video = stage.generate(prompts, num_frames=frames, height=size, width=size, steps=steps, guidance=guidance,
-                               seed=1000 + seed, images=images if image_conditioned else None,
-                               fps=int(cfg["data"]["sample_fps"]))
+        video = pipe(prompts, num_frames=frames, height=size, width=size, steps=steps, guidance=guidance,
+                     seed=1000 + seed, images=images if image_conditioned else None, fps=pipe.defaults["fps"])
         errors += ((video[:, :, 0] - images) ** 2).flatten(1).mean(1).tolist()
         for sample, image in zip(to_frames(video[:, :, 0]), to_frames(images)):
             distances.append(float(np.linalg.norm(centroids(sample[None])[0] - centroids(image[None])[0])))
@@ -101,8 +100,8 @@ def main() -> int:
     torch.manual_seed(0)
     results = {}
     for label, ckpt, conditioned in (("i2v (image + text)", i2v, True), ("t2v (text only)", t2v, False)):
-        stage, cfg = load_stage(ckpt, ema=args.ema)
-        errors, distances = first_frame_error(stage, cfg, args.seeds, args.ddim_steps, conditioned)
+        pipe = VideoPipeline.from_checkpoint(ckpt, ema=args.ema)
+        errors, distances = first_frame_error(pipe, args.seeds, args.ddim_steps, conditioned)
         results[label] = errors
         psnr = 10 * np.log10(4.0 / errors.mean())  # peak-to-peak range 2 in [-1, 1]
         found = ~np.isnan(distances)

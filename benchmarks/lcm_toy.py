@@ -52,9 +52,7 @@ def student_name(args) -> str:
 def distill_command(args, teacher: Path) -> list[str]:
     return ["experiment=videolcm_distill", f"name={student_name(args)}", f"paths.log_dir={args.log_dir}",
             "model/unet=demo", "model/vae=identity", "model/text_encoder=tiny", "diffusion=cosine_v_ztsnr",
-            "~model.vae.weights", "model.text_encoder.weights=null", "model.unet.image_tokens=0",
-            "model.unet.image_token_hidden=0", "model.unet.concat_channels=0",
-            "data=demo", "data.resolution=[16,16]", *SMALL, "strategy=auto", "trainer.accelerator=cpu",
+            "~model.vae.weights", "model.text_encoder.weights=null", "data=demo", "data.resolution=[16,16]", *SMALL, "strategy=auto", "trainer.accelerator=cpu",
             "trainer.devices=1",
             "trainer.precision=32-true", f"trainer.max_steps={args.distill_steps}", "trainer.log_every_n_steps=10",
             f"optim.lr={args.distill_lr}", "optim.warmup_steps=10", "stage.conditioning.spatial_grad_scale=1.0",
@@ -73,7 +71,7 @@ def train(overrides: list[str], checkpoint: Path) -> Path:
 
 
 def _noise_and_conditions(stage, prompts: list[str], seed: int, shape: dict):
-    """x_T as ``stage.generate(seed=seed)`` draws it, and the (cond, uncond) UNet inputs."""
+    """x_T as the pipeline (``stage``) draws it for ``seed``, and the (cond, uncond) UNet inputs."""
     b = len(prompts)
     generator = torch.Generator(device=stage.device).manual_seed(seed)
     x = stage.diffusion.noise((b, stage.vae.latent_channels, shape["num_frames"], shape["height"], shape["width"]),
@@ -94,7 +92,7 @@ def _solve(stage, x: torch.Tensor, grid: list[int], cond: dict, uncond: dict) ->
 
 def ddim_on_lcm_grid(stage, prompts: list[str], steps: int, seed: int, shape: dict) -> torch.Tensor:
     """The teacher's deterministic DDIM with CFG over the LCM grid (999, 759, 499, 259 -> 0 for 4 steps): the same
-    x_T as ``stage.generate(seed=seed)``, so a few-step baseline without the VGen grid's late start (t=751)."""
+    x_T as the pipeline's for ``seed``, so a few-step baseline without the VGen grid's late start (t=751)."""
     from vgen.diffusion.lcm import lcm_timesteps
 
     x, cond, uncond = _noise_and_conditions(stage, prompts, seed, shape)
@@ -107,6 +105,7 @@ def exact_consistency_lcm(stage, prompts: list[str], steps_list: tuple[int, ...]
     """The deterministic (eta=0) LCM sampler driven by the *exact* consistency function of the distillation target:
     f(x, t) = the teacher's N-step solver (CFG) run from (x, t) down to 0 -- what a perfectly distilled student
     returns. Shows how far the multistep re-noising alone moves a sample off the x_T trajectory."""
+    from vgen.diffusion import ddim_step
     from vgen.diffusion.lcm import lcm_timesteps, solver_timesteps
 
     param = stage.diffusion.param
@@ -119,8 +118,8 @@ def exact_consistency_lcm(stage, prompts: list[str], steps_list: tuple[int, ...]
             denoised = _solve(stage, x, full[full.index(t):], cond, uncond)
             if i + 1 < len(timesteps):  # eta = 0: re-noise with the trajectory's own noise, as lcm_sample
                 alpha, sigma = param.schedule.scalings(torch.full((x.shape[0],), t), x)
-                alpha_next, sigma_next = param.schedule.scalings(torch.full((x.shape[0],), timesteps[i + 1]), x)
-                x = alpha_next * denoised + sigma_next * (x - alpha * denoised) / sigma
+                x = ddim_step(param, denoised, (x - alpha * denoised) / sigma, torch.full((x.shape[0],),
+                                                                                          timesteps[i + 1]))
         out[steps] = stage.vae.decode(denoised).clamp(-1, 1)
     return out
 
@@ -128,15 +127,11 @@ def exact_consistency_lcm(stage, prompts: list[str], steps_list: tuple[int, ...]
 @torch.no_grad()
 def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int,
              exact: bool = False) -> list[tuple[str, int, float, float]]:
-    from hydra.utils import instantiate
-
-    from vgen.checkpoint.export import load_unet_weights
+    from vgen.pipeline import VideoPipeline
 
     def load(path: Path, ema: bool):  # a .ckpt file or a sharded checkpoint directory
-        weights, meta = load_unet_weights(path, ema=ema)
-        stage = instantiate(meta["vgen_config"]["stage"]).eval()
-        stage.unet.load_state_dict(weights, strict=True)
-        return stage, weights
+        pipe = VideoPipeline.from_checkpoint(path, ema=ema)
+        return pipe, {k: v.clone() for k, v in pipe.unet.state_dict().items()}
 
     teacher, teacher_weights = load(teacher_ckpt, ema=True)  # the EMA weights the student was distilled from
     student, distilled = load(student_ckpt, ema=False)
@@ -145,8 +140,8 @@ def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int,
     for first in range(0, seeds, batch):
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(first, first + batch)]
         seed = first // batch  # one noise draw per batch; every sample in it has its own x_T
-        reference = teacher.generate(prompts, steps=50, guidance=1 + GUIDANCE_W, seed=seed, **shape)
-        runs = {(f"teacher DDIM-{n}, CFG {1 + GUIDANCE_W:g}", 2 * n): teacher.generate(
+        reference = teacher(prompts, steps=50, guidance=1 + GUIDANCE_W, seed=seed, **shape)
+        runs = {(f"teacher DDIM-{n}, CFG {1 + GUIDANCE_W:g}", 2 * n): teacher(
             prompts, steps=n, guidance=1 + GUIDANCE_W, seed=seed, **shape) for n in (4, 8)}
         runs[(f"teacher DDIM-4 on the LCM grid, CFG {1 + GUIDANCE_W:g}", 8)] = ddim_on_lcm_grid(teacher, prompts, 4,
                                                                                                seed, shape)
@@ -155,10 +150,10 @@ def evaluate(teacher_ckpt: Path, student_ckpt: Path, seeds: int, batch: int,
             for n, eta in ((1, 0.0), (2, 0.0), (4, 0.0), (4, 1.0)):
                 if n > 1 or label == "student":
                     name = f"{label}, LCM-{n}" + (", fresh noise (eta=1)" if eta else "")
-                    runs[(name, n)] = student.generate(prompts, sampler="lcm", steps=n, eta=eta, seed=seed, **shape)
+                    runs[(name, n)] = student(prompts, sampler="lcm", steps=n, eta=eta, seed=seed, **shape)
         student.unet.load_state_dict(distilled, strict=True)
         if exact:
-            solver_steps = student.distill_cfg["solver_steps"]
+            solver_steps = student.lcm.solver_steps
             for n, video in exact_consistency_lcm(teacher, prompts, (2, 4), seed, shape, solver_steps).items():
                 runs[(f"exact consistency function (teacher's N={solver_steps} solver from each point), LCM-{n}",
                       "-")] = video

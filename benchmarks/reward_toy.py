@@ -32,7 +32,8 @@ from hydra.utils import instantiate
 from vgen.checkpoint.export import load_training_checkpoint
 from vgen.data.synthetic import HELD_OUT, TRAINING_COMBOS, caption, centroid_track, centroids
 from vgen.media import to_uint8_frames
-from vgen.models.lora import save_lora
+from vgen.models.lora import LoRA, save_lora
+from vgen.pipeline import VideoPipeline
 from vgen.rewards import ColorReward
 from vgen.stages.reward import RewardFinetuneStage
 
@@ -44,8 +45,8 @@ def evaluate(stage, combos, seeds: int, size: int, frames: int, steps: int, guid
     reward = ColorReward([1.0, 0.0, 0.0])
     for seed in range(seeds):
         prompts = [caption(*c) for c in combos]
-        videos = stage.generate(prompts, num_frames=frames, height=size, width=size, steps=steps, guidance=guidance,
-                                seed=1000 + seed)  # [B, 3, F, H, W] in [-1, 1]
+        videos = VideoPipeline.from_stage(stage)(prompts, num_frames=frames, height=size, width=size, steps=steps,
+                                                 guidance=guidance, seed=1000 + seed)  # [B, 3, F, H, W] in [-1, 1]
         pixels = ((videos + 1) / 2).clamp(0, 1)
         redness.append(reward(pixels.transpose(1, 2).flatten(0, 1), [""] * pixels.shape[0] * frames).mean())
         for combo, video in zip(combos, videos):
@@ -94,6 +95,7 @@ def main() -> int:
         instantiate(cfg["model"]["unet"]), instantiate(cfg["diffusion"]), instantiate(cfg["model"]["vae"]),
         instantiate(cfg["model"]["text_encoder"]), ColorReward([1.0, 0.0, 0.0]),
         init={"path": args.checkpoint, "format": "vgen_ckpt"},  # the base: the demo's EMA weights
+        adapters={"lora": LoRA(rank=4)},  # what trains
         tuning={"tau": 0.6, "ddim_steps": 20, "guidance": cfg["diffusion"]["guidance_scale"], "grad_steps": args.grad_steps,
                 "segments": 4, "lambda_tar": 1.0, "kl_weight": args.kl_weight},
         optim={"lr": args.lr, "warmup_steps": 0, "weight_decay": 0.0},

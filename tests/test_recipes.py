@@ -10,14 +10,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, load_reference_json
-from vgen.diffusion import build_diffusion
+from vgen.diffusion import build_diffusion, denoise_from, sdedit_timesteps
 from vgen.models import UNet3D
 from vgen.models.image_encoder import OpenCLIPImageEncoder
 from vgen.models.text_encoder import OpenCLIPTextEncoder
 from vgen.models.vae import IdentityAutoencoder
 from vgen.stages import HQFinetuneStage, ImagePretrainStage, JointImageVideoStage, RefinementStage
 from vgen.stages.joint import temporal_coherence_loss
-from vgen.diffusion import denoise_from, sdedit_timesteps
 
 RECIPES = {  # experiment -> reference manifest of the original network it trains
     "i2vgen_stage1": "i2vgen_xl_unet", "i2vgen_stage2": "i2vgen_xl_unet", "i2vgen_stage3": "i2vgen_xl_unet",

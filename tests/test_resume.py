@@ -21,7 +21,7 @@ from test_strategies import BASE, NAN_STEP, N, compose_config, kill_group, launc
 from vgen.training.checkpointing import MARKER, find_resume_checkpoint, resolve_resume
 
 UNSEEDED = {"seeded_noise": False}
-BIT_EXACT = [*BASE, "stage.conditioning.p_zero=0.1"]  # CFG dropout on: it draws from the global generator
+BIT_EXACT = [*BASE, "model.unet.conditions.text.dropout=0.1"]  # CFG dropout on: it draws from the global generator
 
 
 @contextmanager

@@ -35,7 +35,7 @@ STRATEGY_RTOL = 1e-5
 
 # pixel space (identity VAE): the tiny KL autoencoder would draw its posterior sample from the global generator
 BASE = ["debug=tiny", "logger=csv", "model/vae=identity", "model.unet.in_channels=3", "model.unet.out_channels=3",
-        "stage.conditioning.p_zero=0.0", "stage.ema.decay=0.5", "optim.lr=1e-3",
+        "model.unet.conditions.text.dropout=0.0", "stage.ema.decay=0.5", "optim.lr=1e-3",
         "optim.warmup_steps=0", f"callbacks.checkpoint.every_n_train_steps={N}", "callbacks.checkpoint.save_top_k=-1"]
 
 
@@ -281,7 +281,8 @@ def test_validation_videos_of_a_sharded_model_sample_on_every_rank(strategy, tmp
     on all ranks (a rank-0-only forward hangs) and rank 0 alone writes the mp4s. ``vgen.sample`` then samples
     from the sharded checkpoint directory itself (its EMA weights, as vgen.checkpoint export consolidates them)."""
     from vgen.data import decode_video
-    from vgen.sample import load_stage, main
+    from vgen.pipeline import VideoPipeline
+    from vgen.sample import main
 
     out = tmp_path / "run"
     samples = {"prompts": ["a red circle moving left", "a blue square moving up"], "every_n_steps": 1,
@@ -296,8 +297,8 @@ def test_validation_videos_of_a_sharded_model_sample_on_every_rank(strategy, tmp
 
     sharded = out / "checkpoints" / "step0000002.ckpt"
     assert sharded.is_dir()
-    stage, _ = load_stage(sharded)  # the EMA weights by default, as from a .ckpt file
-    weights = stage.unet.state_dict()
+    pipe = VideoPipeline.from_checkpoint(sharded)  # the EMA weights by default, as from a .ckpt file
+    weights = pipe.unet.state_dict()
     assert_close_dicts(weights, export(sharded, tmp_path / "ema.safetensors", ema=True), 0, 0, "vs exported EMA")
     model = export(sharded, tmp_path / "model.safetensors", ema=False)
     assert any(not torch.equal(weights[k], model[k]) for k in model), "the EMA must differ from the raw weights"

@@ -143,7 +143,7 @@ def test_sample_writes_decodable_mp4(trained, experiment, tmp_path):
     frames, fps = read_mp4(tmp_path / "v.mp4")
     assert frames.shape == (5, 16, 24, 3) and fps == 8
     if experiment == "demo":  # upscale=k: each pixel a k x k block
-        from vgen.sample import upscale_frames
+        from vgen.media import upscale_frames
 
         big_path = tmp_path / "big.mp4"
         assert main([*args[:-1], f"out={big_path}", "upscale=3"]) == 0
@@ -173,7 +173,8 @@ def test_checkpoint_export_model_and_ema(trained, tmp_path):
     ("model/unet=nope", "model/unet"),
     ("data.batch_size=-1", "data.batch_size"),
     ("paths.data_dir=/nonexistent/vgen-data", "data.sources[0].urls"),
-    ("stage.conditioning.p_zero=1.5", "stage.conditioning.p_zero"),
+    ("model.unet.conditions.text.dropout=1.5", "model.unet.conditions.text"),
+    ("stage.conditioning.p_zero=0.1", "stage.conditioning.p_zero"),
     ("trainer.max_step=3", "trainer.max_step"),
 ])
 def test_bad_overrides_fail_with_one_line_naming_the_key(override, needle, demo_data, tmp_path):

@@ -38,3 +38,8 @@ def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         fps = float(stream.average_rate or stream.base_rate or 0)
     return np.stack(frames), fps
+
+
+def upscale_frames(frames: np.ndarray, factor: int) -> np.ndarray:
+    """[F, H, W, C] -> [F, H * factor, W * factor, C]: each pixel becomes a ``factor`` x ``factor`` block."""
+    return frames.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else frames

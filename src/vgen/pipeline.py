@@ -337,16 +337,13 @@ class VideoPipeline(FrozenEncoding, nn.Module):
     def save(video: torch.Tensor, path: str | Path, fps: int = 8, upscale: int = 1) -> Path:
         """Write ``video`` ([3, F, H, W] or a batch of one, in [-1, 1]) as an H.264 mp4; ``upscale`` enlarges
         each pixel to a block (for viewing tiny videos)."""
-        from vgen.media import to_uint8_frames, write_mp4
+        from vgen.media import to_uint8_frames, upscale_frames, write_mp4
 
         if video.ndim == 5:
             if video.shape[0] != 1:
                 raise PipelineError(f"save writes one video; got a batch of {video.shape[0]}")
             video = video[0]
-        frames = to_uint8_frames(video)
-        if upscale > 1:
-            frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
-        return write_mp4(frames, path, fps=fps)
+        return write_mp4(upscale_frames(to_uint8_frames(video), upscale), path, fps=fps)
 
 
 def _apply(unet: nn.Module, adapters: Mapping[str, Adapter]) -> None:

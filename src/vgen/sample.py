@@ -2,7 +2,7 @@
 
     python -m vgen.sample checkpoint=<ckpt> prompt="a red circle moving left" [image=<png/jpg>] \
         [num_frames=8] [height=32] [width=32] [steps=50] [guidance=9.0] [seed=0] [fps=8] [ema=true] \
-        [sampler=ddim|lcm] [negative_prompt="..."] [upscale=1] [overwrite=false] \
+        [sampler=ddim|lcm] [negative_prompt="..."] [upscale=1] [overwrite=false] [condition.<name>=<value>] \
         [refiner=<ckpt> refine_height=720 refine_width=1280 ...] out=<file.mp4>
 
 The checkpoint is read by :class:`vgen.pipeline.VideoPipeline` (no training stage is built): size, frames, fps,
@@ -44,6 +44,7 @@ OPTIONS = {
     "refine_steps": "refinement DDIM steps (default: the refiner's diffusion.ddim_steps)",
     "refine_noise_levels": "noise levels of the refinement (default: the refiner's stage.noise_levels, 700)",
     "refine_prompt": "the refiner's text (default: prompt)",
+    "condition.<name>": "a value for the model's condition <name>: a number, or comma-separated numbers (a vector)",
 }
 REQUIRED = ("checkpoint", "prompt", "out")
 MAX_SIZE = 8192  # pixels per side
@@ -60,7 +61,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"expected key=value, got {item!r}; keys: {', '.join(OPTIONS)}")
-        if key not in OPTIONS:
+        if key not in OPTIONS and not (key.startswith("condition.") and key != "condition."):
             raise UsageError(f"unknown key {key!r}; valid keys: {', '.join(OPTIONS)}")
         args[key] = value
     missing = [k for k in REQUIRED if k not in args]
@@ -182,15 +183,36 @@ def sample(args: dict[str, str]) -> Path:
         images = load_image(args["image"], height, width)
     elif pipe.needs_reference:
         raise UsageError("this checkpoint is an image-to-video model: pass image=<png/jpg>")
+    conditions = condition_values(args, pipe)
     try:
         video = pipe([args["prompt"]], num_frames=num_frames, height=height, width=width, steps=steps,
                      guidance=guidance, seed=seed, negative_prompt=args.get("negative_prompt"), images=images,
-                     fps=fps, sampler=sampler)
+                     fps=fps, sampler=sampler, conditions=conditions)
         if "refiner" in args:
             video = refine(video, args, ema)
     except PipelineError as err:
         raise UsageError(str(err)) from None
     return pipe.save(video, out, fps=fps, upscale=upscale)
+
+
+def condition_values(args: dict[str, str], pipe) -> dict[str, torch.Tensor]:
+    """``condition.<name>=<numbers>`` arguments -> {name: [1] or [1, D] tensor} for the pipeline."""
+    values = {}
+    for key, text in args.items():
+        if not key.startswith("condition."):
+            continue
+        name = key[len("condition."):]
+        if name not in pipe.unet.conditions:
+            raise UsageError(f"{key}: this checkpoint has no condition {name!r}; its conditions: "
+                             f"{', '.join(pipe.unet.conditions)}")
+        try:
+            numbers = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise UsageError(f"{key}={text}: expected a number or comma-separated numbers") from None
+        if not all(np.isfinite(numbers)):
+            raise UsageError(f"{key}={text}: expected finite numbers")
+        values[name] = torch.tensor([numbers[0]] if len(numbers) == 1 else [numbers])
+    return values
 
 
 def refine(video: torch.Tensor, args: dict[str, str], ema: bool | None) -> torch.Tensor:

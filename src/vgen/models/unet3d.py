@@ -170,7 +170,7 @@ class UNet3D(nn.Module):
             raise ValueError(f"conditions {summed} are summed into the shared concat block: set concat_channels > 0")
         self.text_embed = TextPooling(cfg.context_dim, embed_dim) if cfg.text_embedding else None
         self.frame_embed = EmbeddingMLP(dim, embed_dim, zero_init_last=True) if cfg.frame_embedding else None
-        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
         def transformers(channels: int, context_dim: int) -> list[nn.Module]:
             heads = channels // cfg.head_dim

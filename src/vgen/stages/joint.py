@@ -52,7 +52,7 @@ class JointImageVideoStage(DiffusionStage):
         self.coherence_loss_weight = float(coherence_loss_weight)
         if self.text_free:
             name = self.text_free_cfg.condition
-            cond = unet.conditions[name] if name in unet.conditions else None
+            cond = unet.conditions[name] if name in unet.conditions else None  # noqa: SIM401 (a ModuleDict)
             if cond is None or not cond.needs_image_encoder or self.image_encoder is None:
                 raise ValueError(f"stage.text_free.mode={self.text_free_cfg.mode} needs an image-token condition "
                                  f"model.unet.conditions.{name} (stage.text_free.condition) and a model.image_encoder")

@@ -24,7 +24,6 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from vgen.checkpoint.export import load_training_checkpoint

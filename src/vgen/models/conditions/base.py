@@ -203,27 +203,22 @@ def _resolve(target: str):
         raise ValueError(f"_target_ {target!r} cannot be imported: {err}") from None
 
 
-def build_condition(name: str, spec: Mapping[str, Any] | Condition, dims: UNetDims) -> Condition:
+def build_condition(name: str, spec: Mapping[str, Any], dims: UNetDims) -> Condition:
     """A :class:`Condition` from ``{_target_: <class path>, **kwargs}`` (the class gets ``dims=`` too)."""
-    if isinstance(spec, Condition):
-        condition = spec
-    else:
-        if not isinstance(spec, Mapping) or "_target_" not in spec:
-            raise ValueError(f"model.unet.conditions.{name} must be a mapping with a _target_ (a vgen.models.conditions "
-                             f"class), got {spec!r}")
-        cls = _resolve(str(spec["_target_"]))
-        if not (isinstance(cls, type) and issubclass(cls, Condition)):
-            raise ValueError(f"model.unet.conditions.{name}._target_={spec['_target_']} is not a Condition class")
-        kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
-        try:
-            condition = cls(dims=dims, **kwargs)
-        except TypeError as err:
-            raise ValueError(f"model.unet.conditions.{name}: {err}") from None
-        except ValueError as err:
-            raise ValueError(f"model.unet.conditions.{name}: {err}") from None
     if name in RESERVED_NAMES or not name.isidentifier():
         raise ValueError(f"model.unet.conditions: {name!r} cannot name a condition (an identifier other than "
                          f"{sorted(RESERVED_NAMES)})")
+    if not isinstance(spec, Mapping) or "_target_" not in spec:
+        raise ValueError(f"model.unet.conditions.{name} must be a mapping with a _target_ (a vgen.models.conditions "
+                         f"class), got {spec!r}")
+    cls = _resolve(str(spec["_target_"]))
+    if not (isinstance(cls, type) and issubclass(cls, Condition)):  # a config value: ValueError, as every bad key
+        raise ValueError(f"model.unet.conditions.{name}._target_={spec['_target_']} is not a Condition class")  # noqa: TRY004
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    try:
+        condition = cls(dims=dims, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.unet.conditions.{name}: {err}") from None
     condition.name = name
     return condition
 

@@ -6,6 +6,7 @@ text pathway (:class:`TextPooling`, a UNet option rather than a condition: it re
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -95,7 +96,7 @@ class ImageTokens(Condition):
     routes = ("tokens",)
     uses_reference = True
     needs_image_encoder = True
-    default_original_names = {"mlp.": "context_embedding."}
+    default_original_names: ClassVar[dict[str, str]] = {"mlp.": "context_embedding."}
 
     def __init__(self, dims: UNetDims, *, num_tokens: int = 4, image_dim: int = 0, hidden_dim: int = 0,
                  frame: str | int = "first", **kwargs):
@@ -168,9 +169,9 @@ class FirstFrame(Condition):
 
     routes = ("concat", "tokens")
     uses_reference = True
-    default_original_names = {"concat_encoder.": "local_image_concat.",
-                              "temporal_encoder.": "local_temporal_encoder.",
-                              "token_encoder.": "local_image_embedding."}
+    default_original_names: ClassVar[dict[str, str]] = {"concat_encoder.": "local_image_concat.",
+                                                         "temporal_encoder.": "local_temporal_encoder.",
+                                                         "token_encoder.": "local_image_embedding."}
 
     def __init__(self, dims: UNetDims, *, encoder_depth: int = 1, drop_to: str = "keep", guide_to: str = "keep",
                  stills: str = "zeros", required: bool = True, **kwargs):
