@@ -361,6 +361,19 @@ def test_instructvideo_tiny_trains_resumes_and_exports(tmp_path, monkeypatch):
     assert all(".lora_down." in k or ".lora_up." in k for k in last["state_dict"])
     assert any(not torch.equal(first["state_dict"][k], v) for k, v in last["state_dict"].items())
 
+    # vgen.sample brings the adapters onto the base weights the checkpoint names (no training stage is built)
+    from vgen.media import read_mp4
+    from vgen.sample import main as sample
+
+    video = tmp_path / "iv.mp4"
+    args = [f"checkpoint={out / 'checkpoints' / 'step0000003.ckpt'}", "prompt=a red circle moving left", "steps=2",
+            "num_frames=3", f"out={video}"]
+    assert sample(args) == 0
+    assert read_mp4(video)[0].shape[0] == 3
+    (tmp_path / "base.pth").rename(tmp_path / "moved.pth")
+    assert sample([*args[:-1], f"out={tmp_path / 'gone.mp4'}"]) == 2, "a missing base is named, not a traceback"
+    (tmp_path / "moved.pth").rename(tmp_path / "base.pth")
+
     path = export_lora(out / "checkpoints" / "step0000003.ckpt", tmp_path / "adapter.safetensors")
     fresh = instantiate(cfg.model.unet)
     apply_lora(fresh, rank=4)

@@ -155,6 +155,80 @@ def test_sample_writes_decodable_mp4(trained, experiment, tmp_path):
             assert main([*args, bad]) == 2
 
 
+def _checksums(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("arguments,needle", [
+    (["steps=0"], "steps=0: expected an integer in [1, 1000]"),
+    (["steps=-5"], "steps=-5: expected an integer"),
+    (["steps=100000000"], "steps=100000000: expected an integer in [1, 1000]"),
+    (["steps=abc"], "steps=abc: expected an integer"),
+    (["guidance=nan"], "guidance=nan: expected a number"),
+    (["image={corrupt}", "i2v"], "not a readable image"),
+    (["image={png}"], "text-to-video model (no condition reads an image); drop image="),
+    (["out={existing}"], "file exists (pass overwrite=true to replace it)"),
+    (["out={existing_txt}"], "the output must be an .mp4 file"),
+    (["out={under_file}"], "is a file, not a directory"),
+    (["sampler=lcm"], "sampler=lcm: not available for this checkpoint"),
+    (["checkpoint={corrupt}"], "not a readable checkpoint"),
+])
+def test_sample_refuses_bad_arguments_with_one_line_and_touches_nothing(trained, arguments, needle, tmp_path, capsys):
+    from PIL import Image
+
+    from vgen.sample import main
+
+    out, _ = trained["demo_i2v" if "i2v" in arguments else "demo"]
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 10)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(files / "first.png")
+    (files / "existing.mp4").write_bytes(b"an old video")
+    (files / "notes.txt").write_text("my notes")
+    paths = {"corrupt": files / "corrupt.png", "png": files / "first.png", "existing": files / "existing.mp4",
+             "existing_txt": files / "notes.txt", "under_file": files / "notes.txt" / "v.mp4"}
+    before = {**_checksums(files), **{f"ckpt/{k}": v for k, v in _checksums(out / "checkpoints").items()}}
+    args = {"checkpoint": str(out / "checkpoints" / "step0000004.ckpt"), "prompt": "a red circle", "steps": "2",
+            "num_frames": "2", "out": str(files / "new.mp4")}
+    for item in (a for a in arguments if a != "i2v"):
+        key, _, value = item.format(**paths).partition("=")
+        args[key] = value
+    capsys.readouterr()
+    assert main([f"{k}={v}" for k, v in args.items()]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vgen.sample: error: ") and needle in err, err
+    assert "Traceback" not in err and "weights_only" not in err
+    after = {**_checksums(files), **{f"ckpt/{k}": v for k, v in _checksums(out / "checkpoints").items()}}
+    assert after == before and not (files / "new.mp4").exists()
+
+
+def test_sample_overwrites_only_when_asked_and_the_cli_prints_one_line(trained, tmp_path):
+    out, _ = trained["demo"]
+    target = tmp_path / "v.mp4"
+    target.write_bytes(b"an old video")
+    args = [f"checkpoint={out / 'checkpoints' / 'step0000004.ckpt'}", "prompt=a red circle", "steps=2",
+            "num_frames=2", f"out={target}"]
+    result = cli("vgen.sample", *args)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "file exists" in result.stderr
+    assert target.read_bytes() == b"an old video"
+    assert cli("vgen.sample", *args, "overwrite=true").returncode == 0
+    assert read_mp4(target)[0].shape[0] == 2
+
+
+def test_the_pipeline_from_python_in_three_lines(trained, tmp_path):
+    """The README's Python sampling example."""
+    from vgen import VideoPipeline
+
+    out, _ = trained["demo"]
+    pipe = VideoPipeline.from_checkpoint(out / "checkpoints" / "step0000004.ckpt")
+    path = pipe.save(pipe("a red circle moving left", steps=2), tmp_path / "left.mp4")
+    frames, _ = read_mp4(path)
+    assert frames.shape[0] == pipe.defaults["num_frames"]
+
+
 def test_checkpoint_export_model_and_ema(trained, tmp_path):
     out, _ = trained["demo"]
     ckpt = out / "checkpoints" / "step0000004.ckpt"
