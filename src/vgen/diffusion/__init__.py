@@ -5,7 +5,14 @@ from vgen.diffusion.embedding import sinusoidal_embedding
 from vgen.diffusion.lcm import boundary_scalings, consistency_distillation_loss, lcm_sample, lcm_timesteps
 from vgen.diffusion.loss import diffusion_loss, frame_noise, sample_timesteps, training_noise
 from vgen.diffusion.parameterization import PREDICTIONS, Parameterization
-from vgen.diffusion.samplers import ddim_invert, ddim_sample, ddim_step, denoise_from, guided_output, sdedit_timesteps
+from vgen.diffusion.samplers import (
+    ddim_invert,
+    ddim_sample,
+    ddim_step,
+    denoise_from,
+    guided_output,
+    sdedit_timesteps,
+)
 from vgen.diffusion.schedules import (
     BETA_SCHEDULES,
     NoiseSchedule,
@@ -30,8 +37,8 @@ __all__ = [
     "ddim_invert",
     "ddim_sample",
     "ddim_step",
-    "denoise_from",
     "ddim_timesteps",
+    "denoise_from",
     "diffusion_loss",
     "frame_noise",
     "guided_output",
