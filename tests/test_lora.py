@@ -248,3 +248,38 @@ def test_original_key_round_trip_with_adapters(reference):
     fresh = compat.build_unet(meta["class"], meta["constructor_kwargs"])
     compat.load_state_dict(fresh, {"state_dict": original})
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_lora_is_an_adapter_applied_saved_merged_and_disabled_through_the_common_mechanism(tmp_path):
+    from vgen.models.adapters import adapter_parameter_names, adapters_disabled, mark_only_adapters_trainable
+    from vgen.models.lora import LoRA, save_lora
+
+    torch.manual_seed(0)
+    base = UNet3D(**{"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": (1,),
+                     "num_res_blocks": 1, "attention_scales": (1.0,), "head_dim": 16, "init_temporal_heads": 2,
+                     "context_dim": 64, "decoder_context_dim": 64}).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.1)
+    x, t, text = torch.randn(1, 4, 2, 8, 8), torch.tensor([300]), torch.randn(1, 3, 64)
+    with torch.no_grad():
+        reference = base(x, t, text=text)
+    adapters = {"lora": LoRA(rank=2, targets=["to_q", "to_v"])}
+    modules = adapters["lora"].apply(base)
+    assert modules and all(m.endswith(("to_q", "to_v")) for m in modules)
+    names = adapter_parameter_names(base, adapters)
+    assert mark_only_adapters_trainable(base, adapters) == sum(dict(base.named_parameters())[n].numel() for n in names)
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if n in names:
+                p.normal_(0, 0.2)
+        adapted = base(x, t, text=text)
+        with adapters_disabled(base, adapters):
+            torch.testing.assert_close(base(x, t, text=text), reference)
+        adapters["lora"].merge(base)
+        torch.testing.assert_close(base(x, t, text=text), adapted, rtol=1e-4, atol=1e-5)
+        adapters["lora"].unmerge(base)
+    path = save_lora(base, tmp_path / "a.safetensors")
+    other = UNet3D(**base.config.to_dict())
+    LoRA(rank=2, targets=["to_q", "to_v"], weights=str(path)).apply(other)
+    assert all(torch.equal(dict(other.named_parameters())[n], dict(base.named_parameters())[n]) for n in names)

@@ -229,3 +229,28 @@ def test_convert_cli_round_trip(tmp_path):
     back = torch.load(tmp_path / "back.pth", weights_only=True)["state_dict"]
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
     assert main(["to-diffusers", str(tmp_path / "missing.pth"), str(tmp_path / "x"), "--model", "t2v"]) == 2
+
+
+def test_a_pipeline_from_a_released_weights_file_and_a_run_config(reference, tmp_path):
+    """``VideoPipeline.from_config``: the run config names the encoders and the sampler defaults; the UNet loads a
+    VGen release file strictly."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_unet_config
+    from vgen.pipeline import VideoPipeline
+
+    unet_cfg = OmegaConf.to_container(compose_unet_config("t2v_tiny", "model.unet.context_dim=64",
+                                                          "model.unet.decoder_context_dim=64"), resolve=True)
+    source = UNet3D(**{k: v for k, v in unet_cfg.items() if not k.startswith("_")})
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.05)
+    torch.save({"state_dict": to_vgen_state_dict(source)}, tmp_path / "release.pth")
+    config = {"model": {"unet": unet_cfg, "vae": {"_target_": "vgen.models.vae.VideoAutoencoder", "config": "tiny"},
+                        "text_encoder": {"_target_": "vgen.models.text_encoder.OpenCLIPTextEncoder", "arch": "tiny"}},
+              "diffusion": {"_target_": "vgen.diffusion.build_diffusion", "ddim_steps": 2},
+              "data": {"resolution": [16, 16], "num_frames": 3, "sample_fps": 8}}
+    pipe = VideoPipeline.from_config(config, tmp_path / "release.pth")
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), source.state_dict().values()))
+    video = pipe("a red circle")
+    assert video.shape == (1, 3, 3, 16, 16) and pipe.sampler == "ddim"
