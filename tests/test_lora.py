@@ -255,9 +255,7 @@ def test_lora_is_an_adapter_applied_saved_merged_and_disabled_through_the_common
     from vgen.models.lora import LoRA, save_lora
 
     torch.manual_seed(0)
-    base = UNet3D(**{"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": (1,),
-                     "num_res_blocks": 1, "attention_scales": (1.0,), "head_dim": 16, "init_temporal_heads": 2,
-                     "context_dim": 64, "decoder_context_dim": 64}).eval()
+    base = UNet3D(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_scales=(1.0,), head_dim=16, init_temporal_heads=2, context_dim=64, decoder_context_dim=64).eval()
     with torch.no_grad():
         for p in base.parameters():
             p.normal_(0, 0.1)
