@@ -16,14 +16,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vgen.checkpoint.safe_load import CheckpointError, load_weights_only
 from vgen.compat.vgen import to_original_key
 
 
 def load_training_checkpoint(path: str | Path) -> dict:
+    """A vgen training checkpoint file, read weights-only (:func:`vgen.checkpoint.safe_load.load_weights_only`).
+
+    Raises :class:`CheckpointError` naming the file when it is unreadable, refused (not weights-only) or not a
+    training checkpoint (no ``state_dict``).
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_weights_only(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not a vgen training checkpoint (it holds "
+                              f"{'no state_dict' if isinstance(ckpt, dict) else 'a ' + type(ckpt).__name__})")
+    return ckpt
 
 
 def unet_weights(ckpt: dict, ema: bool = False) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from vgen.checkpoint.safe_load import load_weights_only
 from vgen.training.checkpointing import read_marker
 
 PREFIX = "unet."
@@ -120,7 +121,7 @@ def dcp_weights(path: Path, ema: bool) -> dict[str, torch.Tensor]:
 
 
 def dcp_meta(path: Path) -> dict:
-    return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    return load_weights_only(path / "meta.pt")
 
 
 # ---------------------------------------------------------------------------------------------------- entry point

@@ -31,6 +31,7 @@ import lightning as L
 import torch.distributed as dist
 import webdataset as wds
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from vgen.data.buckets import BUCKET_MODES, Bucket, parse_buckets
@@ -186,10 +187,64 @@ class VideoDataModule(L.LightningDataModule):
         return f"{CONFIG_PREFIX}.sources[{index}]"
 
     def check_sources(self) -> None:
-        """Fail fast (before any model is built) if an enabled source has no readable shards."""
+        """Fail fast (before any model is built) if an enabled source has no readable shards, or if no clip of a
+        video source's first shard is long enough for a training clip; say per video source how many source
+        frames a clip needs at ``sample_fps``."""
         for index, source in enumerate(self.sources):
             if source.weight > 0:
-                resolve_shards(source.urls, f"{self._key(index)}.urls")
+                shards = resolve_shards(source.urls, f"{self._key(index)}.urls")
+                if source.type == "video" and _is_local(shards[0]):
+                    self._check_clip_length(self._key(index), shards[0])
+
+    def clip_frames(self) -> int:
+        """The most frames a video batch asks for (``num_frames``, or the longest video bucket)."""
+        if self.buckets:
+            return max((b.frames for b in self.buckets if b.kind == "video"), default=self.num_frames)
+        return self.num_frames
+
+    def _check_clip_length(self, key: str, url: str, probes: int = 8) -> None:
+        """Probe up to ``probes`` clips of the shard ``url`` (headers only): log the source frames one training clip
+        spans at their frame rate, and raise if none of them has that many."""
+        from vgen.data.clips import probe_video
+        from vgen.data.errors import SampleError
+        from vgen.data.shards import read_shard
+        from vgen.data.video import VIDEO_EXTENSIONS, frame_stride
+
+        frames, found = self.clip_frames(), []  # (native fps, frames) per probed clip
+        samples = read_shard(url, lambda _url, _error: None)
+        try:
+            for sample in samples:
+                media = next((v for k, v in sample.items() if k.rsplit(".", 1)[-1] in VIDEO_EXTENSIONS and v), None)
+                if media is None:
+                    continue
+                try:
+                    info = probe_video(media)
+                except SampleError:
+                    continue
+                found.append((info.fps, info.frames))
+                if len(found) == probes:
+                    break
+        finally:
+            samples.close()
+        if not found:
+            return  # nothing decodable here: the stream skips and counts what it cannot use
+        fps = found[0][0]
+        stride = frame_stride(fps, self.sample_fps)
+        span = (frames - 1) * stride + 1
+        longest = max(n for _, n in found)
+        usable = [n >= (frames - 1) * frame_stride(f, self.sample_fps) + 1 for f, n in found]
+        what = (f"{CONFIG_PREFIX}.num_frames={frames}" if not self.buckets else f"{frames} frames ({CONFIG_PREFIX}.buckets)")
+        if not any(usable):
+            raise ValueError(
+                f"{key}: no clip is long enough: {what} at {CONFIG_PREFIX}.sample_fps={self.sample_fps:g} needs "
+                f"{span} source frames of a {fps:g}-fps clip (frame stride {stride}), but the {len(found)} clips "
+                f"probed in {url} have at most {longest}; lower {CONFIG_PREFIX}.sample_fps or "
+                f"{CONFIG_PREFIX}.num_frames, or use longer clips"
+            )
+        if rank_zero_only.rank == 0:
+            log.info("%s: a training clip (%s at %s.sample_fps=%g) needs %d source frames of a %g-fps clip (frame "
+                     "stride %d); %d of %d clips probed in %s are that long (longest: %d frames)", key, what,
+                     CONFIG_PREFIX, self.sample_fps, span, fps, stride, sum(usable), len(found), url, longest)
 
     @property
     def readers_per_rank(self) -> int:

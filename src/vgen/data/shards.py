@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from vgen.data.errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -124,9 +126,9 @@ class RawSamples:
             self.position.offset = 0
             failed_in_a_row = set() if yielded else failed_in_a_row | {url}
             if len(failed_in_a_row) == len(self.schedule):
-                raise RuntimeError(
+                raise DataError(
                     f"{self.schedule.name}: none of its {len(self.schedule)} shards gave a sample (last: {url}); "
-                    "check the urls and that the shards are readable"
+                    "check the urls and that the shards are readable tar files"
                 )
 
     def _shuffled(self, url: str, shard_position: int, skip: int) -> Iterator[dict]:

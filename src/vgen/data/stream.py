@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vgen.data.buckets import Bucket
-from vgen.data.errors import SampleError
+from vgen.data.errors import SKIP_REASONS as REASONS
+from vgen.data.errors import DataError, SampleError
 from vgen.data.image import IMAGE_EXTENSIONS, decode_image
 from vgen.data.shards import Position, RawSamples, ShardSchedule, seeded
 from vgen.data.transforms import resize_center_crop
@@ -38,16 +39,7 @@ log = logging.getLogger(__name__)
 UNSAFE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "npy", "npz", "ckpt", "bin"})
 LATENT_EXTENSIONS = ("safetensors",)
 SOURCE_TYPES = ("video", "image", "latent")
-SKIP_REASONS = (
-    "empty_member",  # a zero-byte media member
-    "undecodable",  # truncated or corrupt video/image/latents
-    "too_short",  # fewer frames than the clip needs
-    "missing_member",  # no media member of the source's type
-    "no_caption",  # caption required but missing or empty
-    "bad_metadata",  # .json that is not a JSON object, a non-text caption, latents of the wrong shape
-    "unsafe_member",  # a pickle-capable member (.pyd, .pth, ...): refused, never loaded
-    "unreadable_shard",  # a shard that could not be opened or ended mid-member
-)
+SKIP_REASONS = tuple(REASONS)  # the one vocabulary (vgen.data.errors.SKIP_REASONS: reason -> cause)
 IMAGE_FPS = 1  # the fps an image batch reports (VGen trains image ranks with sample_fps 1)
 MAX_CONSECUTIVE_FAILURES = 100  # a source whose samples all fail stops training instead of spinning
 LOADER_KEY = "_loader"  # the batch entry that carries the reader's position; the datamodule removes it
@@ -295,9 +287,10 @@ class Reader:
                             raw.get("__url__"), error)
                 failures += 1
                 if failures >= MAX_CONSECUTIVE_FAILURES:
-                    raise RuntimeError(
-                        f"{source.name}: {failures} samples in a row could not be used (last: {error}); "
-                        "check that the shards hold what the source's type expects"
+                    raise DataError(
+                        f"{source.name}: {failures} samples in a row could not be used (last: {error.reason}: "
+                        f"{' '.join(str(error).split())}, in {raw.get('__url__')}); check that the shards hold what "
+                        f"the source's type ({source.kind}) expects"
                     ) from error
                 continue
             failures = 0

@@ -20,6 +20,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vgen.checkpoint.safe_load import CheckpointError, load_weights_only
+
 log = logging.getLogger(__name__)
 
 _STEP = re.compile(r"step[=_-]?(\d+)")
@@ -42,7 +44,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fs = get_filesystem(path)
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        return load_weights_only(path, map_location=map_location or "cpu")
 
 
 MARKER = "vgen_checkpoint.json"
@@ -84,14 +86,20 @@ def is_complete(path: Path) -> bool:
 
     A sharded checkpoint directory is complete once it has its marker (written after every rank finished).
     """
+    return resume_problem(path) is None
+
+
+def resume_problem(path: Path) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from (one line naming it), or None if it can."""
     if path.is_dir():
-        return (path / MARKER).is_file()
+        return None if (path / MARKER).is_file() else f"{path}: incomplete sharded checkpoint (no {MARKER})"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - truncated/corrupt files raise many different errors
-        log.warning("skipping unreadable checkpoint %s: %s", path, err)
-        return False
-    return "state_dict" in ckpt and "global_step" in ckpt
+        ckpt = load_weights_only(path, mmap=True)
+    except (CheckpointError, OSError) as err:
+        return str(err)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        return f"{path}: not a vgen training checkpoint (no state_dict and global_step to resume from)"
+    return None
 
 
 def find_resume_checkpoint(checkpoint_dir: str | Path) -> Path | None:
@@ -101,7 +109,12 @@ def find_resume_checkpoint(checkpoint_dir: str | Path) -> Path | None:
         return None
     candidates = sorted(directory.glob("*.ckpt"), key=lambda p: (checkpoint_step(p), p.stat().st_mtime),
                         reverse=True)
-    return next((p for p in candidates if is_complete(p)), None)
+    for path in candidates:
+        problem = resume_problem(path)
+        if problem is None:
+            return path
+        log.warning("resume=auto: skipping %s", problem)
+    return None
 
 
 def resolve_resume(resume: str | None, checkpoint_dir: str | Path) -> str | None:
@@ -119,4 +132,20 @@ def resolve_resume(resume: str | None, checkpoint_dir: str | Path) -> str | None
     if path.is_dir() and not is_complete(path):
         raise FileNotFoundError(f"resume={resume}: incomplete sharded checkpoint (no {MARKER}); "
                                 "use resume=auto to pick the newest complete one")
+    problem = resume_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"resume={resume}: {problem}")
     return str(path)
+
+
+def stored_config(path: str | Path) -> dict | None:
+    """The run config (``vgen_config``) stored in a checkpoint file or sharded directory, or None if it has none."""
+    path = Path(path)
+    if path.is_dir():
+        from vgen.checkpoint.sharded import dcp_meta, deepspeed_metadata
+
+        meta = deepspeed_metadata(path) if read_marker(path)["format"] == "deepspeed" else dcp_meta(path)
+    else:
+        meta = load_weights_only(path, mmap=True)
+    config = meta.get("vgen_config") if isinstance(meta, dict) else None
+    return config if isinstance(config, dict) else None

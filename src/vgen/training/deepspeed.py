@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from safetensors.torch import load_file, save_file
 
+from vgen.checkpoint.safe_load import load_weights_only as safe_load
 from vgen.training.checkpointing import commit_directory, staging_path
 
 EMA_DIR = "ema"
@@ -39,8 +40,8 @@ def deepspeed_safe_globals() -> list:
 
 
 def load_weights_only(path, map_location="cpu") -> Any:
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    """A DeepSpeed checkpoint file, weights only (:mod:`vgen.checkpoint.safe_load`), DeepSpeed's classes allowed."""
+    return safe_load(path, map_location=map_location, allowed_globals=deepspeed_safe_globals())
 
 
 def _weights_only_checkpoint_engine(engine) -> None:

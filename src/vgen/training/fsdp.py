@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint import FileSystemReader
 
+from vgen.checkpoint.safe_load import load_weights_only
 from vgen.training.checkpointing import commit_directory, staging_path
 
 META = "meta.pt"
@@ -129,7 +130,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             # strict=False admits exactly those (listed above); every other entry was read from the checkpoint
             set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
                                      options=StateDictOptions(cpu_offload=True, strict=not never_stepped))
-        meta = torch.load(path / META, map_location="cpu", weights_only=True)
+        meta = load_weights_only(path / META)
         ema = meta.get("ema")
         stage_ema = getattr(self.lightning_module, "ema", None)
         if ema is not None and ema.get("layout") == "dtensor":
