@@ -54,7 +54,15 @@ _INERT_KWARGS = frozenset({
     "default_fps", "misc_dropout", "use_scale_shift_norm", "concat_dim", "y_dim_unused",
 })
 
-SUPPORTED_CLASSES = ("UNetSD_T2VBase", "UNetSD_I2VGen", "UNetSD_SR600", "UNetSD_LoRA")
+SUPPORTED_CLASSES = ("UNetSD_T2VBase", "UNetSD_I2VGen", "UNetSD_SR600", "UNetSD_LoRA", "UNetSD_TFT2V",
+                     "UNetSD_VideoLCM")
+_COMPOSER_CLASSES = ("UNetSD_TFT2V", "UNetSD_VideoLCM")
+# TF-T2V / VideoLCM compositions -> (condition name, forward argument); summed in the original's forward order.
+_STC_ORDER = (("depthmap", "depth", "depth"), ("local_image", "local_image", "local_image"),
+              ("motion", "motion", "motion"), ("canny", "canny", "canny"), ("sketch", "sketch", "sketch"),
+              ("single_sketch", "single_sketch", "single_sketch"), ("mask", "mask", "masked"))
+_COMPOSER_DEFAULTS = {"concat_dim": 8, "hist_dim": 156, "misc_dropout": 0.5, "p_all_zero": 0.1, "p_all_keep": 0.1,
+                      "inpainting": True}
 # UNetSD_LoRA's own constructor arguments (InstructVideo: use_lora true, rank 4, alpha null).
 _LORA_DEFAULTS = {"use_lora": True, "lora_rank": 4, "lora_alpha": None}
 
@@ -67,6 +75,8 @@ _ORIGINAL_DEFAULTS = {
 _CLASS_DEFAULTS = {"UNetSD_I2VGen": {"in_dim": 7}, "UNetSD_SR600": {"in_dim": 7}}
 
 _FORWARD_ARGS = {
+    "UNetSD_TFT2V": ("y", "image", "histogram", "fps", *(argument for _, _, argument in _STC_ORDER)),
+    "UNetSD_VideoLCM": ("y", "image", "histogram", "fps", *(argument for _, _, argument in _STC_ORDER)),
     "UNetSD_T2VBase": ("y", "fps"),
     "UNetSD_LoRA": ("y", "fps"),
     "UNetSD_I2VGen": ("y", "image", "local_image", "fps"),
@@ -74,6 +84,8 @@ _FORWARD_ARGS = {
 }
 # Forward arguments the originals accept but ignore with released configs (checked against the goldens).
 _INERT_FORWARD_ARGS = {
+    "UNetSD_TFT2V": ("video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
+    "UNetSD_VideoLCM": ("t_w", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_T2VBase": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_LoRA": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_I2VGen": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
@@ -82,8 +94,10 @@ _INERT_FORWARD_ARGS = {
 
 
 _T2V_CLASSES = ("UNetSD_T2VBase", "UNetSD_LoRA")
-# Original forward argument -> the condition it feeds.
+# Original forward argument -> the condition it feeds (the VideoComposer classes: their compositions' names).
 _ARGUMENT_CONDITIONS = {"y": "text", "image": "image", "local_image": "first_frame", "fps": "fps"}
+_COMPOSER_ARGUMENTS = {"y": "text", "image": "image", "histogram": "histogram", "fps": "fps",
+                       **{argument: name for _, name, argument in _STC_ORDER}}
 
 
 _TEXT = {"_target_": "vgen.models.conditions.TextTokens"}
@@ -99,10 +113,53 @@ def _conditions(class_name: str, kw: Mapping) -> dict:
                                "stills": "zeros"}
         conditions["fps"] = {"_target_": "vgen.models.conditions.ScalarEmbedding", "required": True,
                              "original_names": {"mlp.": "fps_embedding."}}
-    elif class_name in _T2V_CLASSES and kw["use_fps_condition"]:
+    elif class_name in _COMPOSER_CLASSES:
+        conditions.update(_composer_conditions(class_name, kw))
+    if class_name in (*_T2V_CLASSES, *_COMPOSER_CLASSES) and kw["use_fps_condition"]:
         conditions["fps"] = {"_target_": "vgen.models.conditions.ScalarEmbedding",
                              "original_names": {"mlp.": "fps_embedding."}}
     return conditions
+
+
+def _composer_conditions(class_name: str, kw: Mapping) -> dict:
+    """TF-T2V / VideoLCM: ``config.video_compositions`` -> conditions (style image tokens after the text, one STC
+    encoder per spatial/temporal composition, an optional per-frame palette token), with the class's training-time
+    dropout (``misc_dropout`` per condition, text zeroed too in TF-T2V but not in VideoLCM)."""
+    config = kw.get("config")
+    compositions = _attribute(config, "video_compositions")
+    resolution = _attribute(config, "resolution")
+    if compositions is None or resolution is None:
+        raise ValueError(f"{class_name} needs config.video_compositions and config.resolution ([W, H] pixels), as "
+                         "the original reads them from its config object")
+    unknown = sorted(set(compositions) - {c for c, _, _ in _STC_ORDER} - {"text", "image", "histogram"})
+    if unknown:
+        raise ValueError(f"{class_name}: unknown video_compositions {unknown}")
+    if "mask" in compositions and not kw["inpainting"]:
+        raise ValueError(f"{class_name} with inpainting=False and the mask composition is not supported (the original "
+                         "builds the mask's temporal encoder without its conv encoder)")
+    drop = {"dropout": kw["misc_dropout"], "drop_to": "drop"}
+    conditions = {}
+    if class_name == "UNetSD_TFT2V":
+        conditions["text"] = {**_TEXT, **drop, "guide_to": "negative_prompt"}  # misc_dropout zeroes y as well
+    if "image" in compositions:  # pre_image_condition: Linear(context, context) SiLU Linear(context, tokens x context)
+        conditions["image"] = {"_target_": "vgen.models.conditions.ImageTokens", "num_tokens": kw["num_tokens"],
+                               "hidden_dim": kw["context_dim"], **drop,
+                               "guide_to": "zeros", "original_names": {"mlp.": "pre_image_condition."}}
+    for composition, name, _ in _STC_ORDER:
+        if composition in compositions:
+            conditions[name] = {"_target_": "vgen.models.conditions.composer.SpatioTemporalCondition",
+                                "composition": composition, "resolution": list(resolution),
+                                "encoder_depth": kw["adapter_transformer_layers"], **drop}
+    if "histogram" in compositions:
+        conditions["histogram"] = {"_target_": "vgen.models.conditions.composer.PaletteTokens",
+                                   "bins": kw["hist_dim"], **drop}
+    return conditions
+
+
+def _attribute(config, name: str):
+    if config is None:
+        return None
+    return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
 
 
 def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> UNet3DConfig:
@@ -114,6 +171,7 @@ def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> U
     if unknown:
         log.warning("ignoring constructor kwargs unknown to %s (the original accepts **kwargs): %s", class_name, unknown)
     kw = {**_ORIGINAL_DEFAULTS, **_CLASS_DEFAULTS.get(class_name, {}),
+          **(_COMPOSER_DEFAULTS if class_name in _COMPOSER_CLASSES else {}),
           **{k: v for k, v in constructor_kwargs.items() if k not in _LORA_DEFAULTS}}
     if kw["use_image_dataset"]:
         raise ValueError("use_image_dataset=True (temporal branches multiplied by zero) is not supported: no "
@@ -131,8 +189,9 @@ def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> U
         context_dim=kw["context_dim"],
         temporal_attention=kw["temporal_attention"],
         dropout=kw["dropout"],
-        image_dim=kw["y_dim"],
+        image_dim=kw["context_dim"] if class_name in _COMPOSER_CLASSES else kw["y_dim"],
         conditions=_conditions(class_name, kw),
+        concat_channels=kw["concat_dim"] if class_name in _COMPOSER_CLASSES else 0,
         resample="sr600" if class_name == "UNetSD_SR600" else "standard",
         skip_filters=((1.1, 0.6), (1.2, 0.4)) if class_name == "UNetSD_SR600" else (),
         gradient_checkpointing=False,
@@ -251,8 +310,9 @@ def forward(model: UNet3D, x: torch.Tensor, t: torch.Tensor, **original_inputs) 
     if unknown:
         raise TypeError(f"{class_name}.forward got unexpected arguments {unknown}; accepted: {list(used + inert)}")
     conditions = {}
+    names = _COMPOSER_ARGUMENTS if class_name in _COMPOSER_CLASSES else _ARGUMENT_CONDITIONS
     for argument, value in original_inputs.items():
-        name = _ARGUMENT_CONDITIONS.get(argument)
+        name = names.get(argument)
         if value is not None and name in model.conditions:  # e.g. fps without use_fps_condition is ignored
             conditions[name] = value
     return model(x, t, conditions)

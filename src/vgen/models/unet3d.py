@@ -273,7 +273,7 @@ class UNet3D(nn.Module):
 
         weight = self.time_embed[0].weight
         emb = self.time_embed(sinusoid_for(t, self.config.model_channels, weight))
-        frame_emb, tokens, concat, features = [], [], [], []
+        frame_emb, tokens, frame_tokens, concat, features = [], [], [], [], []
         summed = None
         text = None
         for name, cond in self.conditions.items():
@@ -296,7 +296,9 @@ class UNet3D(nn.Module):
                 if mask is not None:
                     tensor = tensor * torch.as_tensor(mask, device=x.device).to(tensor.dtype).view(
                         -1, *[1] * (tensor.ndim - 1))
-                if route == "tokens":
+                if route == "tokens" and tensor.ndim == 4:  # [B, F, N, D]: tokens of each frame
+                    frame_tokens.append(tensor.to(x.dtype).reshape(b * f, *tensor.shape[2:]))
+                elif route == "tokens":
                     tokens.append(tensor.to(x.dtype))
                     if name == "text":
                         text = tensor
@@ -322,7 +324,7 @@ class UNet3D(nn.Module):
                           else x.new_zeros(b, self.config.concat_channels, *x.shape[2:]))
         if concat:
             x = torch.cat([x, *concat], dim=1)
-        context = torch.cat(tokens, dim=1).repeat_interleave(f, dim=0)
+        context = torch.cat([torch.cat(tokens, dim=1).repeat_interleave(f, dim=0), *frame_tokens], dim=1)
         emb = emb.repeat_interleave(f, dim=0)
         for per_frame in frame_emb:  # [B, F, D] -> rows (b0 f0, b0 f1, ..., b1 f0, ...)
             emb = emb + per_frame.reshape(b * f, -1)
