@@ -12,7 +12,10 @@ Reads shards as make_shards, video2dataset and img2dataset write them (``<key>.m
 Duration and motion bounds apply to videos only; images pass them.
 Aspect ratio is width / height. Kept samples are copied byte for byte; every input shard gives the output
 shard of the same name (empty when nothing is kept), with a ``.stats.json`` sidecar (kept, dropped per
-reason); ``filter_stats.json`` merges the sidecars present. Samples with pickle-capable members are dropped.
+reason: a bound's name, or a skip reason of ``vgen.data.errors.SKIP_REASONS`` such as ``empty_member``);
+``filter_stats.json`` merges the sidecars present. Samples with pickle-capable members are dropped.
+Missing or empty input shards stop the tool before it writes anything; an input shard that cannot be read
+whole gets no output (so a rerun retries it) and the tool exits 1 naming it.
 
 Parallel and resumable: {slurm} Here the shards are the input shards.
 """
@@ -31,11 +34,15 @@ from vgen.data.errors import SampleError
 from vgen.data.image import IMAGE_EXTENSIONS
 from vgen.data.shardio import (
     SLURM_HELP,
+    ToolParser,
     add_work_arguments,
     atomic_write,
     expand_inputs,
+    fail,
+    report_failed,
     run_shards,
     shard_samples,
+    split_failed,
     tar_bytes,
     task_shards,
     write_report,
@@ -55,6 +62,9 @@ def measure(sample: dict, need_motion: bool) -> dict:
         raise SampleError("the .json metadata is not an object", reason="bad_metadata")
     video = next((k for k in sample if k.rsplit(".", 1)[-1] in VIDEO_EXTENSIONS), None)
     image = next((k for k in sample if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+    media = video if video is not None else image
+    if media is not None and not sample[media]:
+        raise SampleError(f"member .{media} is empty (0 bytes)", reason="empty_member")  # as the training loader
     values = {k: meta[k] for k in ("width", "height", "duration", "motion_score") if isinstance(meta.get(k), (int, float))}
     if video is not None:
         if not {"width", "height", "duration"} <= set(values):
@@ -108,6 +118,8 @@ def filter_shard(index: int, urls: list[str], args) -> dict | None:
             kept.append({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
         else:
             dropped[reason] += 1
+    if errors:  # not read whole: no output, so the shard is not complete and a rerun retries it
+        return {"input": urls[index], "failed": errors}
     atomic_write(out, tar_bytes(kept))
     stats = {"input": urls[index], "kept": len(kept), "dropped": dict(dropped), "read_errors": errors}
     atomic_write(out.with_name(out.name + ".stats.json"), json.dumps(stats, sort_keys=True).encode())
@@ -121,7 +133,7 @@ def merge(sidecars: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="shards: brace patterns, files or folders")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     for bound in BOUNDS:
@@ -133,16 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         urls = expand_inputs(args.input)
     except FileNotFoundError as error:
-        parser.error(str(error))
+        fail(parser.prog, str(error))
     names = [Path(url).name for url in urls]
     if len(set(names)) != len(names):
         parser.error("input shards must have distinct file names (each gives the output shard of that name)")
     args.out.mkdir(parents=True, exist_ok=True)
     shards = task_shards(len(urls), args.shard_range)
-    written = run_shards(functools.partial(filter_shard, urls=urls, args=args), shards, args.workers)
+    results = run_shards(functools.partial(filter_shard, urls=urls, args=args), shards, args.workers)
+    written, failed = split_failed(results)
     report = write_report(args.out, "filter_stats.json", merge)
     print(f"filter: wrote {len(written)} of shards {shards.start}..{shards.stop - 1} to {args.out}; all shards so "
           f"far: kept {report['kept']}, dropped {report['dropped']} -> {args.out / 'filter_stats.json'}")
+    report_failed(parser.prog, failed)
     return 0
 
 

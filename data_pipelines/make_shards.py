@@ -17,7 +17,12 @@ Output shard ``<prefix>-NNNNNN.tar`` holds the clips of inputs ``N*k .. N*k+k-1`
 as video2dataset's ``number_sample_per_shard``): ``<key>.mp4`` (or ``.jpg``), ``<key>.txt`` (when there is a
 caption) and ``<key>.json`` (source, clip, start/end, fps, duration, frames, width, height, motion_score,
 caption or null). Each shard has a ``.stats.json`` sidecar; ``stats.json`` merges the sidecars present
-(inputs, failures, clips, hours, motion and duration quantiles). Same inputs and options give the same bytes.
+(inputs, failures, clips, hours, motion and duration quantiles). Inputs that give no sample are counted by reason
+(``skipped_inputs``, in the vocabulary of ``vgen.data.errors.SKIP_REASONS``: ``too_short`` for a video shorter
+than one clip, ``undecodable``, ``empty_member`` for a zero-byte file, ``unreadable_input`` for a listed file
+that is missing or cannot be opened; each is named in ``failures``), as are clips dropped for being shorter than
+``--min-clip-seconds`` (``dropped_clips``). A missing ``--input`` folder or list stops the tool before it writes
+anything. Same inputs and options give the same bytes.
 
 Parallel and resumable: {slurm}
 """
@@ -42,8 +47,10 @@ from vgen.data.errors import SampleError
 from vgen.data.image import IMAGE_EXTENSIONS, decode_image
 from vgen.data.shardio import (
     SLURM_HELP,
+    ToolParser,
     add_work_arguments,
     atomic_write,
+    fail,
     quantiles,
     run_shards,
     tar_bytes,
@@ -81,16 +88,24 @@ def list_inputs(source: Path) -> list[tuple[str, str | None]]:
     return inputs
 
 
-def video_samples(path: str, caption: str | None, key: str, args) -> list[dict]:
-    """The clips of one video, read as a stream: only the clip being built is held in memory."""
+def video_samples(path: str, caption: str | None, key: str, args, dropped: Counter | None = None) -> list[dict]:
+    """The clips of one video, read as a stream: only the clip being built is held in memory. Clips shorter than
+    the shortest allowed are counted in ``dropped`` (``too_short``); a video that gives no clip at all raises
+    :class:`SampleError` (``too_short``)."""
     info, frames = read_frames(path, args.fps, args.size)
     fps = float(args.fps or info.fps)
     limit = max(1, round((args.clip_seconds if args.split == "fixed" else args.max_clip_seconds) * fps))
     shortest = limit if args.split == "fixed" else max(1, math.ceil(args.min_clip_seconds * fps - 1e-6))
     samples, clip, thumbs, start = [], [], [], 0
+    dropped = Counter() if dropped is None else dropped
+    longest = 0
 
     def flush() -> None:
+        nonlocal longest
+        longest = max(longest, len(clip))
         if len(clip) < shortest:
+            if clip:
+                dropped["too_short"] += 1
             return
         video = np.stack(clip)
         meta = {
@@ -111,6 +126,10 @@ def video_samples(path: str, caption: str | None, key: str, args) -> list[dict]:
         clip.append(frame)
         thumbs.append(thumb)
     flush()
+    if not samples:
+        option = "--clip-seconds (--split fixed)" if args.split == "fixed" else "--min-clip-seconds"
+        raise SampleError(f"shorter than one clip: its longest piece has {longest} frames at {fps:g} fps, a clip "
+                          f"needs {shortest} ({option})", reason="too_short")
     return samples
 
 
@@ -137,18 +156,27 @@ def make_shard(index: int, inputs: list, args) -> dict | None:
     if out.exists() and not args.overwrite:
         return None
     first = index * args.inputs_per_shard
-    samples, failures = [], {}
+    samples, failures, skipped, dropped = [], {}, Counter(), Counter()
     for number, (path, caption) in enumerate(inputs[first:first + args.inputs_per_shard], first):
         key = f"{index:06d}_{number:08d}"
         try:
-            is_image = Path(path).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-            samples += (image_samples if is_image else video_samples)(path, caption, key, args)
-        except (SampleError, OSError) as error:
-            failures[path] = f"{type(error).__name__}: {error}"
+            if Path(path).stat().st_size == 0:
+                raise SampleError("empty file (0 bytes)", reason="empty_member")
+            if Path(path).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                samples += image_samples(path, caption, key, args)
+            else:
+                samples += video_samples(path, caption, key, args, dropped)
+        except SampleError as error:
+            skipped[error.reason] += 1
+            failures[path] = f"{error.reason}: {error}"
+        except OSError as error:
+            skipped["unreadable_input"] += 1
+            failures[path] = f"unreadable_input: {type(error).__name__}: {error}"
     atomic_write(out, tar_bytes(samples))
     metas = [json.loads(s["json"]) for s in samples]
     stats = {
         "inputs": len(inputs[first:first + args.inputs_per_shard]), "failed": failures,
+        "skipped_inputs": dict(skipped), "dropped_clips": dict(dropped),
         "clips": sum(1 for s in samples if "mp4" in s), "images": sum(1 for s in samples if "jpg" in s),
         "without_caption": sum(1 for m in metas if not m["caption"]), "bytes": out.stat().st_size,
         "durations": [m["duration"] for m in metas if "duration" in m],
@@ -165,6 +193,8 @@ def merge(sidecars: list[dict]) -> dict:
         "inputs": sum(s["inputs"] for s in sidecars),
         "failed_inputs": sum(len(s["failed"]) for s in sidecars),
         "failures": {path: why for s in sidecars for path, why in s["failed"].items()},
+        "skipped_inputs": dict(sum((Counter(s.get("skipped_inputs", {})) for s in sidecars), Counter())),
+        "dropped_clips": dict(sum((Counter(s.get("dropped_clips", {})) for s in sidecars), Counter())),
         "clips": sum(s["clips"] for s in sidecars), "images": sum(s["images"] for s in sidecars),
         "without_caption": sum(s["without_caption"] for s in sidecars),
         "hours": round(sum(durations) / 3600, 4), "bytes": sum(s["bytes"] for s in sidecars),
@@ -174,7 +204,7 @@ def merge(sidecars: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True, help="folder of media, or a .csv/.jsonl list")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the shards and stats.json")
     parser.add_argument("--fps", type=float, default=8, help="target frame rate (0 = keep the source's)")
@@ -193,17 +223,22 @@ def main(argv: list[str] | None = None) -> int:
     args.fps, args.size = args.fps or None, args.size or None
     if args.inputs_per_shard < 1 or args.clip_seconds <= 0 or args.max_clip_seconds <= 0:
         parser.error("--inputs-per-shard, --clip-seconds and --max-clip-seconds must be positive")
+    if not args.input.exists():
+        fail(parser.prog, f"--input: no such folder or list: {args.input}")
     try:
         inputs = list_inputs(args.input)
     except (ValueError, OSError) as error:
-        parser.error(str(error))
-    args.out.mkdir(parents=True, exist_ok=True)
+        fail(parser.prog, f"--input: {error}")
+    if not inputs:
+        fail(parser.prog, f"--input: no videos or images in {args.input}")
     shards = task_shards(math.ceil(len(inputs) / args.inputs_per_shard), args.shard_range)
+    args.out.mkdir(parents=True, exist_ok=True)
     written = run_shards(functools.partial(make_shard, inputs=inputs, args=args), shards, args.workers)
     report = write_report(args.out, "stats.json", merge)
     print(f"make_shards: wrote {len(written)} of shards {shards.start}..{shards.stop - 1} to {args.out} "
           f"(complete ones skipped); all shards so far: {report['clips']} clips, {report['images']} images, "
-          f"{report['hours']} h, {report['failed_inputs']} failed inputs -> {args.out / 'stats.json'}")
+          f"{report['hours']} h, {report['failed_inputs']} inputs gave no sample {report['skipped_inputs']}, "
+          f"{sum(report['dropped_clips'].values())} short clips dropped -> {args.out / 'stats.json'}")
     return 0
 
 

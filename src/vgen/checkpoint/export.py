@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import save_file
 
 from vgen.checkpoint.safe_load import CheckpointError, load_weights_only
-from vgen.compat.vgen import to_original_key
 
 
 def load_training_checkpoint(path: str | Path) -> dict:
@@ -62,10 +61,27 @@ def load_unet_weights(ckpt_path: str | Path, ema: bool = False) -> tuple[dict[st
     return weights, meta
 
 
+def original_key_names(weights: dict[str, torch.Tensor], unet_config: dict | None) -> dict[str, torch.Tensor]:
+    """``weights`` under the original VGen key names of the UNet ``unet_config`` builds (on the meta device: its
+    conditions know their original module names)."""
+    from hydra.utils import instantiate
+
+    from vgen.compat.vgen import original_key_map
+
+    if unet_config is None:
+        raise ValueError("--original-keys needs the checkpoint's model.unet config (vgen_config), which it lacks")
+    with torch.device("meta"):
+        names = original_key_map(instantiate(unet_config))
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise KeyError(f"checkpoint weights {unknown[:5]} are not parameters of its own model.unet config")
+    return {names[k]: v for k, v in weights.items()}
+
+
 def export(ckpt_path: str | Path, out_path: str | Path, ema: bool = False, original_keys: bool = False) -> Path:
     weights, ckpt = load_unet_weights(ckpt_path, ema)
     if original_keys:
-        weights = {to_original_key(k): v for k, v in weights.items()}
+        weights = original_key_names(weights, ckpt.get("vgen_config", {}).get("model", {}).get("unet"))
     metadata = {"format": "vgen-unet", "weights": "ema" if ema else "model", "global_step": str(ckpt.get("global_step")),
                 "key_names": "original-vgen" if original_keys else "vgen"}
     unet_cfg = ckpt.get("vgen_config", {}).get("model", {}).get("unet")

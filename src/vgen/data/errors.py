@@ -18,7 +18,7 @@ SKIP_REASONS: dict[str, str] = {
     "bad_metadata": ".json that is not a JSON object, a caption that is not text, latents of the wrong shape",
     "unsafe_member": "a pickle-capable member (.pyd, .pth, .npy, ...): refused, never loaded",
     "unreadable_shard": "a shard (tar) that could not be opened or ends inside a member",
-    "unreadable_input": "a raw input file of make_shards.py that could not be opened",
+    "unreadable_input": "a raw input file listed to make_shards.py that is missing or cannot be opened",
 }
 
 

@@ -7,10 +7,12 @@ import argparse
 import io
 import json
 import os
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import webdataset as wds
 
@@ -22,6 +24,19 @@ SLURM_HELP = (
     "(of all shards without --shard-range). Complete shards are skipped, so a rerun resumes; --workers N runs "
     "N shards at a time in this task."
 )
+
+
+class ToolParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line on stderr (``<prog>: error: ...``, exit 2), like vgen's other tools."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
+def fail(prog: str, message: str, code: int = 2):
+    """Stop a tool with one line on stderr."""
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -92,7 +107,11 @@ def tar_bytes(samples: Iterable[dict[str, bytes]]) -> bytes:
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    """Shard paths from brace patterns, files or directories (their ``*.tar``, sorted)."""
+    """Shard paths from brace patterns, files or directories (their ``*.tar``, sorted).
+
+    Raises :class:`FileNotFoundError` naming them when a local shard is missing or empty (0 bytes): a tool must
+    not write (and mark complete) an output for an input it never read. Remote URLs (``pipe:``, ...) pass.
+    """
     urls = []
     for pattern in patterns:
         if os.path.isdir(pattern):
@@ -100,8 +119,37 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         else:
             urls += wds.shardlists.expand_urls(pattern)
     if not urls:
-        raise FileNotFoundError(f"no shards in {patterns}")
+        raise FileNotFoundError(f"--input: no shards in {' '.join(patterns)}")
+    missing = [url for url in urls if _is_local(url) and not _nonempty_file(url)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"--input: {len(missing)} of {len(urls)} shards are missing or empty: {shown} "
+                                f"(from {' '.join(patterns)})")
     return urls
+
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file")
+
+
+def _nonempty_file(url: str) -> bool:
+    path = urlparse(url).path if url.startswith("file:") else url
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def split_failed(results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(written, failed)``: per-shard results, where a failed one is ``{"input": url, "failed": [errors]}``."""
+    return [r for r in results if "failed" not in r], [r for r in results if "failed" in r]
+
+
+def report_failed(prog: str, failed: list[dict]) -> None:
+    """Exit 1 with one line naming the input shards that could not be read whole (their outputs were not
+    written, so a rerun retries them)."""
+    if failed:
+        shown = "; ".join(f"{f['input']} ({f['failed'][0]})" for f in failed[:3])
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        fail(prog, f"{len(failed)} input shard(s) could not be read whole, so their outputs were not written (a "
+                   f"rerun retries them): {shown}{more}", code=1)
 
 
 def shard_samples(url: str) -> tuple[Iterator[dict], list[str]]:
