@@ -52,15 +52,22 @@ def test_tiny_vae_shapes_for_videos_and_images():
     assert torch.equal(vae.encode(image, sample=False), vae.encode(image[:, :, None], sample=False)[:, :, 0])
 
 
+def assert_close_float32(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding: a kernel may pick another algorithm (summation order) for another batch size,
+    so results of different chunkings differ by a few ulps of the values summed. rtol 1e-5 (~80 ulps) per element,
+    atol 1e-5 of the tensor's largest magnitude for elements that are sums of larger terms that cancel."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
+
+
 def test_vae_chunking_does_not_change_results():
     whole, chunked = VideoAutoencoder("tiny", encode_chunk=16, decode_chunk=16), VideoAutoencoder(
         "tiny", encode_chunk=2, decode_chunk=1)
     video = _video(b=2, f=3)
     latents = whole.encode(video, sample=False)
-    torch.testing.assert_close(chunked.encode(video, sample=False), latents, rtol=0, atol=1e-6)
-    torch.testing.assert_close(chunked.decode(latents), whole.decode(latents), rtol=0, atol=1e-6)
+    assert_close_float32(chunked.encode(video, sample=False), latents)
+    assert_close_float32(chunked.decode(latents), whole.decode(latents))
     sampled = [vae.encode(video, torch.Generator().manual_seed(3)) for vae in (whole, chunked)]
-    torch.testing.assert_close(sampled[0], sampled[1], rtol=0, atol=1e-6)
+    assert_close_float32(sampled[0], sampled[1])
 
 
 def test_vae_posterior_sample_is_mean_plus_std_noise_and_reproducible():
@@ -242,7 +249,7 @@ def test_tiny_text_encoder_shape_and_determinism():
     assert out.shape == (2, 77, 64)
     assert torch.equal(out, OpenCLIPTextEncoder("tiny")(CAPTIONS))
     assert not torch.allclose(out[0], out[1])
-    torch.testing.assert_close(encoder(CAPTIONS[:1]), out[:1])  # captions are encoded independently
+    assert_close_float32(encoder(CAPTIONS[:1]), out[:1])  # captions are encoded independently (another batch size)
 
 
 def test_tiny_text_encoder_is_deterministic_across_processes():
