@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import shutil
@@ -152,10 +153,51 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+class _HeldFileLog(logging.handlers.MemoryHandler):
+    """Holds the records meant for ``train.log`` until the config is valid (:func:`_release_file_log`); a run
+    stopped by a config error drops them, so an existing ``train.log`` is left as it was."""
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        return False
+
+    def drop(self) -> None:
+        self.acquire()
+        try:
+            self.buffer.clear()
+            self.target = None
+        finally:
+            self.release()
+
+
+def _hold_file_log() -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            root.addHandler(_HeldFileLog(capacity=0, target=handler))
+
+
+def _release_file_log(keep: bool) -> None:
+    """Write the held records to ``train.log`` and log there directly from now on (``keep``), or drop them."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _HeldFileLog):
+            target = handler.target
+            root.removeHandler(handler)
+            if keep:
+                handler.flush()
+                root.addHandler(target)
+            else:
+                handler.drop()
+                target.close()
+            handler.close()
+
+
 def _discard_new_run_dir() -> None:
-    """A run stopped by a config error leaves nothing behind: remove the run directory if this process made it."""
+    """A run stopped by a config error leaves nothing behind: its held log records are dropped, and the run
+    directory is removed if this process made it."""
+    _release_file_log(keep=False)
     if _NEW_RUN_DIR is not None and _NEW_RUN_DIR.is_dir():
-        logging.shutdown()  # close train.log before its directory goes
         shutil.rmtree(_NEW_RUN_DIR, ignore_errors=True)
 
 
@@ -165,6 +207,7 @@ def _save_hydra_files(cfg: DictConfig, trainer: L.Trainer) -> None:
 
     global _NEW_RUN_DIR
     _NEW_RUN_DIR = None  # the config is valid: from here on the run directory is the run's, whatever happens
+    _release_file_log(keep=True)
     if not trainer.is_global_zero or not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
@@ -231,6 +274,7 @@ def _kill_loader_workers() -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     _route_lightning_logs()
+    _hold_file_log()
     atexit.register(_kill_loader_workers)  # runs before multiprocessing's handler (registered at its import)
     run(cfg, on_valid=_save_hydra_files)
 
