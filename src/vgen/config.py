@@ -88,9 +88,11 @@ def precheck_overrides(prog: str, config_name: str, argv: list[str]):
         unknown = _UNKNOWN_KEY.search(str(err))
         if unknown:
             key = unknown.group(1)
-            rest = [a for a in argv if a.split("=", 1)[0].lstrip("+~") != key]
+            given = [a for a in argv if a.split("=", 1)[0].lstrip("+~") == key]
+            rest = [a for a in argv if a not in given]
+            value = given[0].split("=", 1)[1] if given and "=" in given[0] else "..."
             try:
-                message = unknown_key_message(key, composed(rest))
+                message = unknown_key_message(key, composed(rest), value)
             except (HydraException, OmegaConfBaseException):
                 message = f"unknown key {key}"
         exit_with(prog, message)
@@ -145,20 +147,28 @@ def target_signature(node) -> tuple[str, inspect.Signature] | None:
         return None
 
 
-def unknown_key_message(key: str, cfg) -> str:
-    """``unknown key K; nearest valid keys: ...`` (difflib), with the ``+K=...`` advice only where the key's node
-    is built by a target that takes extra keyword arguments."""
+def unknown_key_message(key: str, cfg, value: str = "...") -> str:
+    """``unknown key K; nearest valid keys: ...`` (difflib over the node's keys and its target's arguments).
+
+    The ``+K=value`` advice is given only where it works: the key's node is built by a target that takes ``K``
+    as an argument the config does not set, or that takes extra keyword arguments.
+    """
     parent_key, leaf, parent = _parent(cfg, key)
+    target = target_signature(parent)
+    params = target[1].parameters if target else {}
+    if leaf in params and params[leaf].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        return f"{key} is not set in the config, but {target[0]} takes it: add it with +{key}={value}"
     if isinstance(parent, DictConfig):
         prefix = f"{parent_key}." if parent_key else ""
-        candidates = [f"{prefix}{k}" for k in difflib.get_close_matches(leaf, [str(k) for k in parent], n=3)]
+        names = [str(k) for k in parent if str(k) not in _SPECIAL_KEYS]
+        names += [n for n, p in params.items() if n not in names and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        candidates = [f"{prefix}{k}" for k in difflib.get_close_matches(leaf, names, n=3)]
     else:
         candidates = difflib.get_close_matches(key, [k for k in _keys(cfg) if not k.startswith("hydra")], n=3)
     message = f"unknown key {key}"
     message += f"; nearest valid keys: {', '.join(candidates)}" if candidates else "; no valid key is close to it"
-    target = target_signature(parent)
-    if target and any(p.kind is p.VAR_KEYWORD for p in target[1].parameters.values()):
-        message += f" ({target[0]} takes extra keyword arguments: add it with +{key}=...)"
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        message += f" ({target[0]} takes extra keyword arguments: add it with +{key}={value})"
     return message
 
 
