@@ -128,9 +128,12 @@ def _composer_conditions(class_name: str, kw: Mapping) -> dict:
     config = kw.get("config")
     compositions = _attribute(config, "video_compositions")
     resolution = _attribute(config, "resolution")
-    if compositions is None or resolution is None:
-        raise ValueError(f"{class_name} needs config.video_compositions and config.resolution ([W, H] pixels), as "
-                         "the original reads them from its config object")
+    if compositions is None:
+        raise ValueError(f"{class_name} needs config.video_compositions, as the original reads it from its config "
+                         "object")
+    if resolution is not None and (len(resolution) != 2 or any(int(v) % 8 for v in resolution)):
+        raise ValueError(f"{class_name}: config.resolution must be [W, H] pixels divisible by 8 (the condition "
+                         f"encoders pool to H/2 x W/2 of 8x-downsampled latents), got {resolution}")
     unknown = sorted(set(compositions) - {c for c, _, _ in _STC_ORDER} - {"text", "image", "histogram"})
     if unknown:
         raise ValueError(f"{class_name}: unknown video_compositions {unknown}")
@@ -148,8 +151,8 @@ def _composer_conditions(class_name: str, kw: Mapping) -> dict:
     for composition, name, _ in _STC_ORDER:
         if composition in compositions:
             conditions[name] = {"_target_": "vgen.models.conditions.composer.SpatioTemporalCondition",
-                                "composition": composition, "resolution": list(resolution),
-                                "encoder_depth": kw["adapter_transformer_layers"], **drop}
+                                "composition": composition, "encoder_depth": kw["adapter_transformer_layers"],
+                                **drop}
     if "histogram" in compositions:
         conditions["histogram"] = {"_target_": "vgen.models.conditions.composer.PaletteTokens",
                                    "bins": kw["hist_dim"], **drop}

@@ -289,7 +289,7 @@ class UNet3D(nn.Module):
                 value = value.to(x.dtype)
             if value.ndim and value.shape[0] != b:
                 raise ConditionError(f"condition {name!r} has batch size {value.shape[0]}, x has {b}")
-            out = cond(value, f)
+            out = cond(value, f, latent_size=tuple(x.shape[-2:])) if cond.wants_latent_size else cond(value, f)
             outs = out if isinstance(out, dict) else {cond.routes[0]: out}
             mask = None if keep is None else keep.get(name)
             for route, tensor in outs.items():

@@ -110,6 +110,7 @@ class Condition(nn.Module):
     summed: ClassVar[bool] = False  # concat kind: added into the UNet's shared concat block instead of own channels
     uses_reference: ClassVar[bool] = False  # extracted from reference frames (video / first-frame image)
     needs_image_encoder: ClassVar[bool] = False  # its value is an image-encoder (CLIP) embedding
+    wants_latent_size: ClassVar[bool] = False  # forward also takes ``latent_size=(h, w)`` of the noisy latent
     default_original_names: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, dropout: float = 0.0, drop_to: str = "zeros", guide_to: str = "zeros",

@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vgen.models.blocks import FrameSequenceEncoder, fold_frames
@@ -41,8 +41,10 @@ class SpatioTemporalCondition(Condition):
         composition: which of :data:`COMPOSITIONS` (sets the input channels and the original module names), or
             ``None`` with ``in_channels`` for a condition of your own.
         in_channels: channels of the pixel-space maps (default: the composition's).
-        resolution: ``[W, H]`` of the training frames in pixels; the encoder pools to (H/2, W/2), so its output has
-            the latent size H/8 x W/8 whatever size the maps come in.
+
+    The encoder pools to 4x the latent size (VGen: H/2 x W/2 of 8x-downsampled latents, the original's
+    ``config.resolution // 2``), so after its two stride-2 convs its output has the latent size, whatever size the
+    maps come in and whatever the VAE's downsampling (pixel space included).
         encoder_depth: layers of the temporal transformer (the original's ``adapter_transformer_layers``).
         member: the batch member holding the maps (default: the condition's name); [B, C, F, H, W] or, for one
             channel, [B, F, H, W].
@@ -53,9 +55,10 @@ class SpatioTemporalCondition(Condition):
     routes = ("concat",)
     summed = True
     uses_reference = True
+    wants_latent_size = True
 
     def __init__(self, dims: UNetDims, *, composition: str | None = None, in_channels: int = 0,
-                 resolution: Sequence[int] = (256, 256), encoder_depth: int = 1, member: str | None = None,
+                 encoder_depth: int = 1, member: str | None = None,
                  drop_to: str = "drop", guide_to: str = "keep", dropout: float = 0.5, **kwargs):
         if composition is not None and composition not in COMPOSITIONS:
             raise ValueError(f"composition must be one of {', '.join(COMPOSITIONS)} (or null with in_channels), "
@@ -64,20 +67,15 @@ class SpatioTemporalCondition(Condition):
         in_channels = in_channels or channels
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be an integer >= 1, got {in_channels!r}")
-        resolution = tuple(resolution)
-        if len(resolution) != 2 or any(not isinstance(v, int) or v < 8 for v in resolution):
-            raise ValueError(f"resolution must be [W, H] in pixels (each >= 8), got {list(resolution)}")
         if not dims.concat_channels:
             raise ValueError("needs the UNet's shared concat block: set model.unet.concat_channels (VideoComposer: 8)")
         defaults = {"encoder.": f"{names[0]}.", "temporal.": f"{names[1]}."} if composition else {}
         kwargs["original_names"] = {**defaults, **(kwargs.get("original_names") or {})}
         super().__init__(drop_to=drop_to, guide_to=guide_to, dropout=dropout, **kwargs)
-        self.composition, self.in_channels, self.resolution, self.member = composition, in_channels, resolution, member
+        self.composition, self.in_channels, self.member = composition, in_channels, member
         c = dims.concat_channels
-        width, height = resolution
-        self.encoder = nn.Sequential(
-            nn.Conv2d(in_channels, c * 4, 3, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d((height // 2, width // 2)),
+        self.encoder = nn.Sequential(  # [2] pools adaptively to 4x the latent size, given at forward
+            nn.Conv2d(in_channels, c * 4, 3, padding=1), nn.SiLU(), nn.Identity(),
             nn.Conv2d(c * 4, c * 4, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(c * 4, c, 3, stride=2, padding=1),
         )
@@ -90,23 +88,28 @@ class SpatioTemporalCondition(Condition):
         value = torch.as_tensor(value, device=inputs.encoders.device)
         return value.unsqueeze(1) if value.ndim == 4 and self.in_channels == 1 else value
 
-    def forward(self, value: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, value: torch.Tensor, num_frames: int, latent_size: tuple[int, int] | None = None
+                ) -> torch.Tensor:
+        if latent_size is None:
+            raise ConditionError(f"condition {self.name!r} needs the latent size (the UNet passes it)")
         if value.ndim != 5 or value.shape[1] != self.in_channels:
             raise ConditionError(f"condition {self.name!r} must be [B, {self.in_channels}, F, H, W] pixel-space maps, "
                                  f"got shape {tuple(value.shape)}")
         if value.shape[2] != num_frames:
             raise ConditionError(f"condition {self.name!r} has {value.shape[2]} frames, the video {num_frames}")
         b = value.shape[0]
-        feats = self.encoder(fold_frames(value))  # [(B F), c, h, w]
+        enc = self.encoder
+        feats = enc[1](enc[0](fold_frames(value)))
+        feats = F.adaptive_avg_pool2d(feats, (4 * latent_size[0], 4 * latent_size[1]))
+        feats = enc[5](enc[4](enc[3](feats)))  # [(B F), c, h, w]
         _, c, h, w = feats.shape
         feats = feats.reshape(b, num_frames, c, h, w).permute(0, 3, 4, 1, 2).reshape(b * h * w, num_frames, c)
         feats = self.temporal(feats)
         return feats.reshape(b, h, w, num_frames, c).permute(0, 4, 3, 1, 2)
 
     def example(self, batch_size, num_frames, height, width, dtype=torch.float32):
-        """Maps at the training resolution (the latent ``height`` x ``width`` is not needed: the encoder pools)."""
-        return torch.rand(batch_size, self.in_channels, num_frames, self.resolution[1], self.resolution[0],
-                          dtype=dtype)
+        """Maps for an 8x-downsampled ``height`` x ``width`` latent (any size works: the encoder pools)."""
+        return torch.rand(batch_size, self.in_channels, num_frames, 8 * height, 8 * width, dtype=dtype)
 
 
 class PaletteTokens(Condition):
