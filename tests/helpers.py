@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -54,3 +55,24 @@ class RecordLosses(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss.detach().double()))
+
+
+def run_training(overrides: list[str], output_dir: Path, config_dir: Path | None = None):
+    """Compose ``conf/train.yaml`` with ``overrides`` and train in this process, as ``python -m vgen.train`` does
+    (the run directory is ``output_dir``); returns the Trainer."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from vgen.train import train
+
+    config_dir = config_dir or Path(__file__).resolve().parents[1] / "conf"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in @hydra.main, the task sees the config without the hydra node
+    return train(cfg)

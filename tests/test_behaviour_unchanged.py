@@ -9,10 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from conftest import CONF_DIR, REPO
 
@@ -29,19 +25,12 @@ def demo_data(tmp_path_factory):
 
 
 def three_step_losses(experiment: str, data_dir: Path, log_dir: Path) -> list[float]:
-    from vgen.train import train
+    from helpers import run_training
 
     overrides = [f"experiment={experiment}", "debug=tiny", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}",
                  "trainer.max_steps=3", "callbacks.sample_videos=null", "callbacks.checkpoint=null",
                  "+callbacks.record._target_=helpers.RecordLosses"]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(log_dir / "run")
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    trainer = train(cfg)
+    trainer = run_training(overrides, log_dir / "run")
     record = next(c for c in trainer.callbacks if type(c).__name__ == "RecordLosses")
     return record.losses
 

@@ -8,12 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from conftest import CONF_DIR, REPO
+from conftest import REPO
 from vgen.media import read_mp4
 from vgen.models import UNet3D
 from vgen.models.conditions import ConditionError
@@ -193,22 +189,15 @@ def demo_data(tmp_path_factory):
 
 
 def test_a_new_condition_from_one_module_and_one_config_file_trains_with_its_dropout_and_samples(demo_data, tmp_path):
+    from helpers import run_training
     from vgen.pipeline import VideoPipeline
     from vgen.sample import main as sample
-    from vgen.train import train
 
     overrides = ["experiment=demo", "debug=tiny", f"paths.data_dir={demo_data}", f"paths.log_dir={tmp_path}",
                  f"hydra.searchpath=[file://{PLUGIN_CONF}]",
                  "+model/condition@model.unet.conditions.brightness=brightness", "data.sources.1.weight=0",
                  "callbacks.sample_videos=null", "stage.ema.enabled=false"]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    trainer = train(cfg)
+    trainer = run_training(overrides, tmp_path / "run")
     brightness = trainer.lightning_module.unet.conditions["brightness"]
     seen = torch.cat(brightness.seen)  # 2 steps x 2 clips: some dropped to zero, some kept
     assert seen.numel() == 4 and (seen == 0).any() and (seen != 0).any(), seen

@@ -241,6 +241,14 @@ def test_checkpoint_export_model_and_ema(trained, tmp_path):
     assert set(model_w) == {k[len("unet."):] for k in state}
     assert all(torch.equal(model_w[k], state["unet." + k]) for k in model_w)
     assert any(not torch.equal(model_w[k], ema_w[k]) for k in model_w), "EMA weights must differ after 4 steps"
+    i2v, _ = trained["demo_i2v"]
+    original = tmp_path / "original.safetensors"
+    assert cli("vgen.checkpoint", "export", str(i2v / "checkpoints" / "step0000004.ckpt"), str(original),
+               "--original-keys").returncode == 0
+    names = set(load_file(str(original)))
+    assert {"context_embedding.0.weight", "fps_embedding.0.weight", "local_image_concat.0.weight",
+            "local_temporal_encoder.layers.0.0.norm.weight", "local_image_embedding.0.weight"} <= names
+    assert not any(k.startswith("conditions.") for k in names)
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -71,30 +71,27 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return args
 
 
-def _int(args: dict[str, str], key: str, low: int, high: int, default: int | None = None) -> int | None:
+def _number(args: dict[str, str], key: str, low, high, default=None, kind: type = int):
+    """``args[key]`` as a ``kind`` (int or float) in [low, high] (``default`` when absent); NaN is refused."""
     if key not in args:
         return default
     value = args[key]
+    expected = f"expected {'an integer' if kind is int else 'a number'} in [{low:g}, {high:g}]"
     try:
-        number = int(value)
+        number = kind(value)
     except ValueError:
-        raise UsageError(f"{key}={value}: expected an integer in [{low}, {high}]") from None
-    if not low <= number <= high:
-        raise UsageError(f"{key}={value}: expected an integer in [{low}, {high}]")
+        raise UsageError(f"{key}={value}: {expected}") from None
+    if not low <= number <= high:  # also refuses nan
+        raise UsageError(f"{key}={value}: {expected}")
     return number
+
+
+def _int(args: dict[str, str], key: str, low: int, high: int, default: int | None = None) -> int | None:
+    return _number(args, key, low, high, default, int)
 
 
 def _float(args: dict[str, str], key: str, low: float, high: float) -> float | None:
-    if key not in args:
-        return None
-    value = args[key]
-    try:
-        number = float(value)
-    except ValueError:
-        raise UsageError(f"{key}={value}: expected a number in [{low:g}, {high:g}]") from None
-    if not (low <= number <= high):  # also refuses nan
-        raise UsageError(f"{key}={value}: expected a number in [{low:g}, {high:g}]")
-    return number
+    return _number(args, key, low, high, None, float)
 
 
 def _bool(args: dict[str, str], key: str) -> bool | None:
