@@ -231,8 +231,8 @@ def released_pidinet_state(channels=4, dilation=2, seed=0) -> dict[str, torch.Te
     return state
 
 
-def test_full_size_networks_have_the_released_sizes():
-    assert sum(p.numel() for p in PiDiNet().parameters()) == 720_709  # table5_pidinet (~0.71M)
+def test_full_size_networks_have_the_released_layout():
+    assert sum(p.numel() for p in PiDiNet().parameters()) == 720_709  # table5_pidinet: the paper gives ~0.71M
     keys = PiDiNet().state_dict().keys()
     assert {"init_block.weight", "block2_1.shortcut.bias", "dilations.3.conv2_4.weight", "attentions.0.conv2.weight",
             "conv_reduces.3.conv.bias", "classifier.weight"} <= set(keys)
