@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from vgen.data.buckets import BUCKET_MODES, Bucket, parse_buckets
+from vgen.data.condition_maps import parse_conditions
 from vgen.data.shards import ShardSchedule
 from vgen.data.stream import LOADER_KEY, SOURCE_TYPES, BatchPlan, BatchStream, SampleDecoder, Source
 from vgen.data.video import BACKENDS as VIDEO_BACKENDS
@@ -131,6 +132,8 @@ class VideoDataModule(L.LightningDataModule):
     lengths) instead, and the source among those that fit the bucket by weight. ``sample_fps`` sets the frame
     stride (see :func:`vgen.data.video.frame_stride`); ``random_start=False`` takes the centre window.
     ``video_backend`` decodes videos with ``pyav`` (default) or ``decord`` (optional dependency).
+    ``conditions``: condition maps every clip brings (:mod:`vgen.data.condition_maps`: stored shard members, or
+    extracted from the decoded clip), batch members of the same names.
     ``shuffle_buffer`` consecutive samples of a shard are shuffled together (0 = shard order).
     """
 
@@ -149,6 +152,7 @@ class VideoDataModule(L.LightningDataModule):
         buckets: Sequence[Mapping] | Mapping | None = None,
         bucket_mode: str = "batch",
         video_backend: str = "pyav",
+        conditions: Mapping | None = None,
     ):
         super().__init__()
         if isinstance(sources, (str, Mapping)) or not sources:
@@ -177,6 +181,7 @@ class VideoDataModule(L.LightningDataModule):
             raise ValueError(f"{CONFIG_PREFIX}.bucket_mode must be one of {list(BUCKET_MODES)}, got {bucket_mode!r}")
         self.bucket_mode = bucket_mode
         self.video_backend = _video_backend(video_backend)
+        self.conditions = parse_conditions(conditions)
         self.dataset: BatchStream | None = None
         self._consumed = 0  # batches of this rank that training has taken (the loader prefetches more)
         self._cursors: list[dict | None] = []  # per reader slot: its position after its last consumed batch
@@ -271,6 +276,7 @@ class VideoDataModule(L.LightningDataModule):
                 start="random" if self.random_start else "center",
                 caption_required=config.caption_required,
                 video_backend=self.video_backend,
+                conditions=self.conditions,
             )
             schedule = ShardSchedule(resolve_shards(config.urls, f"{key}.urls"), self.seed, key)
             sources.append(Source(key, config.type, float(config.weight), schedule, decoder))

@@ -19,6 +19,8 @@ SKIP_REASONS: dict[str, str] = {
     "unsafe_member": "a pickle-capable member (.pyd, .pth, .npy, ...): refused, never loaded",
     "unreadable_shard": "a shard (tar) that could not be opened or ends inside a member",
     "unreadable_input": "a raw input file listed to make_shards.py that is missing or cannot be opened",
+    "missing_condition": "a condition map of data.conditions is neither stored in the sample (its member, or the "
+                         "clip's frames in it) nor to be extracted (extract: false)",
 }
 
 

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vgen.data.buckets import Bucket
+from vgen.data.condition_maps import ConditionMap
 from vgen.data.errors import SKIP_REASONS as REASONS
 from vgen.data.errors import DataError, SampleError
 from vgen.data.image import IMAGE_EXTENSIONS, decode_image
@@ -60,6 +61,7 @@ class SampleDecoder:
     start: str = "random"
     caption_required: bool = True
     video_backend: str = "pyav"
+    conditions: tuple[ConditionMap, ...] = ()  # condition maps every sample brings (data.conditions)
 
     def __call__(self, sample: dict, rng: random.Random, bucket: Bucket) -> dict:
         unsafe = _members(sample, UNSAFE_EXTENSIONS)
@@ -74,15 +76,25 @@ class SampleDecoder:
             raise SampleError("no caption (.txt member or 'caption' in .json)", reason="no_caption")
         decoded = {"caption": text, "key": sample["__key__"], "has_caption": bool(text)}
         if self.kind == "latent":
-            return decoded | _latents(_media(sample, LATENT_EXTENSIONS))
+            latents = _latents(_media(sample, LATENT_EXTENSIONS))
+            if self.conditions:
+                raise SampleError("latent sources cannot bring data.conditions (no frames to extract or index them "
+                                  "by): train the conditions on video sources", reason="missing_condition")
+            return decoded | latents
+        indices = None
         if self.kind == "video":
             clip = decode_video(_media(sample, VIDEO_EXTENSIONS), bucket.frames, self.sample_fps, self.start, rng,
                                 self.video_backend)
             frames, fps = clip.frames, int(clip.fps + 0.5) if bucket.frames > 1 else IMAGE_FPS
+            indices = [clip.start + i * clip.stride for i in range(len(frames))]
         else:
             frames, fps = decode_image(_media(sample, IMAGE_EXTENSIONS))[None], IMAGE_FPS
         video = resize_center_crop(frames, width=bucket.width, height=bucket.height)
-        return decoded | {"video": video, "fps": fps}
+        decoded |= {"video": video, "fps": fps}
+        if self.conditions:
+            pixels = ((video + 1) * 127.5).round_().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+            decoded["conditions"] = {c.name: c(sample, pixels, indices, rng) for c in self.conditions}
+        return decoded
 
 
 def _members(sample: dict, extensions) -> list[str]:
@@ -153,6 +165,8 @@ def collate(samples: list[dict], kind: str) -> dict:
     for name in ("video", "latent", "text_embedding", "image_embedding"):
         if all(name in s for s in samples):
             batch[name] = torch.stack([s[name] for s in samples])
+    for name in samples[0].get("conditions", {}):
+        batch[name] = torch.stack([s["conditions"][name] for s in samples])
     return batch
 
 

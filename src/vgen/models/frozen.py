@@ -1,11 +1,11 @@
 """Frozen pretrained components (VAE, CLIP towers): the eval-only module base and strict weight loading.
 
-Weights are read with ``torch.load(weights_only=True)`` or safetensors; a file that needs full pickle is refused.
+Weights are read with safetensors or weights-only (:mod:`vgen.checkpoint.safe_load`); a file that needs full
+unpickling is refused: convert such a file to safetensors with the tool that wrote it.
 """
 
 from __future__ import annotations
 
-import pickle
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,16 +36,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} stores Python objects besides tensors, so it can only be read with full unpickling, which "
-            "vgen refuses (weights_only=True). Convert it once to safetensors, where you trust the file: "
-            "python -c \"import sys, torch, safetensors.torch as st; s = torch.load(sys.argv[1], weights_only=False); "
-            "st.save_file({k: v.contiguous() for k, v in s.get('state_dict', s).items()}, sys.argv[2])\" "
-            "IN.ckpt OUT.safetensors"
-        ) from err
+    from vgen.checkpoint.safe_load import load_weights_only
+
+    state = load_weights_only(path, mmap=zipfile.is_zipfile(path))  # refuses anything but tensors, naming the file
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):

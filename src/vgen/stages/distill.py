@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -280,9 +279,11 @@ def is_vgen_checkpoint(path: Path) -> bool:
         return (path / MARKER).is_file()
     if path.suffix == ".safetensors" or not zipfile.is_zipfile(path):
         return False
+    from vgen.checkpoint.safe_load import CheckpointError, load_weights_only
+
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:  # not a weights-only file: the release loader reports it
+        content = load_weights_only(path, mmap=True)
+    except CheckpointError:  # not a readable weights-only file: the release loader reports it
         return False
     return isinstance(content, dict) and "vgen_config" in content
 
