@@ -36,7 +36,7 @@ BUCKET = Bucket(frames=4, width=16, height=16, batch_size=2)
 
 
 def test_stored_maps_are_picked_by_source_frame_and_resized_like_the_frames():
-    sample, frames = clip_sample()
+    sample, _ = clip_sample()
     stored = torch.rand(1, FRAMES, SIZE, SIZE)  # a map per source frame, at the clip's own size
     sample["sketch.safetensors"] = encode_maps(stored, range(FRAMES), "sketch")
     out = decoder(ConditionMap("sketch", "sketch", extract=False))(sample, random.Random(0), BUCKET)
