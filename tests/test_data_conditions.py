@@ -64,7 +64,7 @@ def test_missing_maps_are_extracted_from_the_decoded_clip_or_skipped_as_missing_
     again = decoder(ConditionMap("masked", "mask"))(sample, random.Random(3), BUCKET)
     assert torch.equal(again["conditions"]["masked"], out["conditions"]["masked"])  # the sample's own draws
 
-    with pytest.raises(SampleError, match="no condition member .depthmap.safetensors") as err:
+    with pytest.raises(SampleError, match="no condition member .depthmap.safetensors.gz") as err:
         decoder(ConditionMap("depth", "depthmap", extract=False))(sample, random.Random(0), BUCKET)
     assert err.value.reason == "missing_condition"
     partial = {**sample, "sketch.safetensors": encode_maps(torch.rand(1, 3, SIZE, SIZE), [0, 1, 2], "sketch")}
@@ -116,5 +116,68 @@ def test_bad_condition_configs_name_the_key(tmp_path):
         parse_conditions({"s": {"kind": "sketch", "size": 3}})
     with pytest.raises(ValueError, match="data.conditions.m.weights: kind motion extracts without a network"):
         parse_conditions({"m": {"kind": "motion", "weights": "x"}})
-    assert parse_conditions({"d": {"kind": "depthmap", "extract": False}})[0].member_name == "depthmap.safetensors"
+    assert parse_conditions({"d": {"kind": "depthmap", "extract": False}})[0].member_names == (
+        "depthmap.safetensors.gz", "depthmap.safetensors")
     assert json.loads(json.dumps([c.kind for c in parse_conditions({"a": {"kind": "canny"}})])) == ["canny"]
+
+
+def test_the_conditions_tool_stores_maps_that_training_reads(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from vgen.data import VideoDataModule
+
+    with tarfile.open(tmp_path / "clips-000000.tar", "w") as tar:
+        for i, direction in enumerate(["right", "right", "left", "left"]):
+            sample, _ = clip_sample(key=f"{i:06d}", direction=direction, seed=i)
+            for ext in ("mp4", "txt"):
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(sample[ext])
+                tar.addfile(info, io.BytesIO(sample[ext]))
+    tool = [sys.executable, str(REPO / "data_pipelines" / "conditions.py")]
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "clips-000000.tar"), "--out", str(out), "--kinds", "sketch", "motion",
+            "--fps", "4", "--size", "32"]
+    result = subprocess.run([*tool, *args], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(out / "clips-000000.tar") as tar:
+        names = tar.getnames()
+    assert "000000.sketch.safetensors.gz" in names and "000003.motion.safetensors.gz" in names
+    stamp = (out / "clips-000000.tar").stat().st_mtime_ns
+    assert subprocess.run([*tool, *args], capture_output=True, check=False).returncode == 0
+    assert (out / "clips-000000.tar").stat().st_mtime_ns == stamp  # complete shards are skipped on a rerun
+
+    data = VideoDataModule([{"urls": str(out / "clips-000000.tar"), "type": "video"}], num_frames=4, sample_fps=4,
+                           resolution=[32, 32], batch_size=4, num_workers=0, shuffle_buffer=0, random_start=False,
+                           conditions={"sketch": {"kind": "sketch", "extract": False},
+                                       "motion": {"kind": "motion", "extract": False}})
+    data.setup("fit")
+    batch = data.consume(next(iter(data.train_dataloader())))
+    assert batch["sketch"].shape == (4, 1, 4, 32, 32) and batch["sketch"].max() > 0.5
+    for key, field in zip(batch["key"], batch["motion"]):
+        dx = field[0, 1:][field[:, 1:].norm(dim=0) > 0].mean()  # motion between the window's own frames
+        assert (dx > 0) == (int(key) < 2), (key, dx)
+
+    for bad, needle in ((["--kinds", "depthmap"], "--kinds depthmap needs --depth-weights"),
+                        (["--kinds", "sketch", "--sketch-weights", "nope.pth"], "--sketch-weights nope.pth: no such"),
+                        (["--kinds", "sketch", "--fps", "0"], "need --fps > 0")):
+        result = subprocess.run([*tool, "--input", str(tmp_path / "clips-000000.tar"), "--out", str(tmp_path / "x"),
+                                 *bad], capture_output=True, text=True, check=False)
+        assert result.returncode == 2 and needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_gzip_member_that_expands_too_far_is_refused(monkeypatch):
+    import gzip
+
+    from vgen.data import condition_maps
+
+    sample, _ = clip_sample()
+    sample["sketch.safetensors.gz"] = gzip.compress(encode_maps(torch.zeros(1, FRAMES, SIZE, SIZE), range(FRAMES),
+                                                                "sketch"))
+    monkeypatch.setattr(condition_maps, "MAX_MEMBER_BYTES", 1000)
+    with pytest.raises(SampleError, match="expands past 1000 bytes: refused"):
+        decoder(ConditionMap("sketch", "sketch", extract=False))(sample, random.Random(0), BUCKET)
+    sample["sketch.safetensors.gz"] = b"\x1f\x8b" + b"garbage" * 10
+    with pytest.raises(SampleError, match="undecodable condition member"):
+        decoder(ConditionMap("sketch", "sketch", extract=False))(sample, random.Random(0), BUCKET)

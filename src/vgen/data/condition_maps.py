@@ -5,9 +5,10 @@ from the decoded clip (``data.conditions``).
 ``{kind, member, extract, weights}``:
 
 * ``kind``: one of :data:`KINDS` (what the map is; see :mod:`vgen.data.conditions` for each one's values);
-* ``member``: the shard member that stores it (default ``<kind>.safetensors``, as ``data_pipelines/conditions.py``
-  writes it): tensors ``maps`` [C, N, H, W] (uint8 = values x 255, or float16) and ``indices`` [N], the source
-  frame index of each stored map. The clip's window picks its frames by index, and the maps are resized and
+* ``member``: the shard member that stores it (default ``<kind>.safetensors.gz`` as ``data_pipelines/conditions.py``
+  writes it, or an uncompressed ``<kind>.safetensors``): tensors ``maps`` [C, N, H, W] (uint8 = values x 255, or
+  float16) and ``indices`` [N], the source frame index of each stored map (gzip members expand to at most
+  :data:`MAX_MEMBER_BYTES`). The clip's window picks its frames by index, and the maps are resized and
   centre-cropped like the frames (motion vectors scaled with them);
 * ``extract``: when the member is missing, compute the map from the decoded, resized clip (default true; a sample
   whose map can be neither read nor extracted is skipped and counted as ``missing_condition``);
@@ -34,6 +35,7 @@ KINDS: dict[str, int | None] = {"depthmap": 1, "sketch": 1, "single_sketch": 1, 
                                 "local_image": 3, "canny": 1, "palette": None}
 UNIT_KINDS = frozenset({"sketch", "single_sketch", "canny", "local_image"})  # maps in [0, 1]: stored as uint8
 CONFIG_PREFIX = "data.conditions"
+MAX_MEMBER_BYTES = 1 << 30  # a gzip condition member may expand to 1 GiB at most (a hostile one is refused)
 
 
 @dataclass(frozen=True)
@@ -61,46 +63,61 @@ class ConditionMap:
             raise ValueError(f"{key}.weights={self.weights}: no such file or folder")
 
     @property
-    def member_name(self) -> str:
-        return self.member or f"{self.kind}.safetensors"
+    def member_names(self) -> tuple[str, ...]:
+        return (self.member,) if self.member else (f"{self.kind}.safetensors.gz", f"{self.kind}.safetensors")
 
     def __call__(self, sample: Mapping, frames: np.ndarray, indices: Sequence[int] | None,
                  rng: random.Random) -> torch.Tensor:
         """This clip's map: from its member when stored, else extracted from ``frames`` (uint8 [F, H, W, 3], the
         decoded window after resize and crop; ``indices`` its source frame numbers, None for a still)."""
-        stored = sample.get(self.member_name)
-        if stored is not None:
-            return self._stored(stored, frames.shape[0], frames.shape[1:3], indices)
+        member = next((m for m in self.member_names if m in sample), None)
+        if member is not None:
+            return self._stored(member, sample[member], frames.shape[0], frames.shape[1:3], indices)
         if not self.extract:
-            raise SampleError(f"no condition member .{self.member_name} ({CONFIG_PREFIX}.{self.name}.extract is "
+            raise SampleError(f"no condition member .{self.member_names[0]} ({CONFIG_PREFIX}.{self.name}.extract is "
                               "false)", reason="missing_condition")
         return extract(self.kind, frames, rng, self.weights)
 
-    def _stored(self, data: bytes, num_frames: int, size: tuple[int, int], indices: Sequence[int] | None):
+    def _stored(self, member: str, data: bytes, num_frames: int, size: tuple[int, int],
+                indices: Sequence[int] | None):
         from safetensors import SafetensorError
         from safetensors.torch import load
 
         try:
-            tensors = load(data)
+            tensors = load(_gunzip(data, member) if data[:2] == b"\x1f\x8b" else data)
         except (SafetensorError, ValueError, RuntimeError) as exc:
-            raise SampleError(f"undecodable condition member .{self.member_name}: {exc}") from exc
+            raise SampleError(f"undecodable condition member .{member}: {exc}") from exc
         maps, stored = tensors.get("maps"), tensors.get("indices")
         channels = KINDS[self.kind]
         if maps is None or stored is None or maps.ndim != (3 if channels is None else 4) or (
                 channels is not None and maps.shape[0] != channels):
-            raise SampleError(f"condition member .{self.member_name} needs 'maps' [{channels or ''}, N, ...] and "
+            raise SampleError(f"condition member .{member} needs 'maps' [{channels or ''}, N, ...] and "
                               f"'indices' [N] (got {sorted(tensors)})", reason="bad_metadata")
         position = {int(i): n for n, i in enumerate(stored.tolist())}
         wanted = list(indices) if indices is not None else [int(stored[0])]
         missing = [i for i in wanted if i not in position]
         if missing:
-            raise SampleError(f"condition member .{self.member_name} has no map of source frame(s) {missing[:4]}",
+            raise SampleError(f"condition member .{member} has no map of source frame(s) {missing[:4]}",
                               reason="missing_condition")
         picks = torch.tensor([position[i] for i in wanted])
         values = maps.float() / 255.0 if maps.dtype == torch.uint8 else maps.float()
         if channels is None:  # [N, bins]
             return values[picks]
         return resize_maps(values[:, picks], *size, displacement=self.kind == "motion")
+
+
+def _gunzip(data: bytes, member: str) -> bytes:
+    """Decompress a gzip member, refusing one that expands past :data:`MAX_MEMBER_BYTES` (or is corrupt)."""
+    import zlib
+
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, MAX_MEMBER_BYTES)
+    except zlib.error as exc:
+        raise SampleError(f"undecodable condition member .{member}: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise SampleError(f"condition member .{member} expands past {MAX_MEMBER_BYTES} bytes: refused")
+    return out
 
 
 def resize_maps(maps: torch.Tensor, height: int, width: int, displacement: bool = False) -> torch.Tensor:
