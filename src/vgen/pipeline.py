@@ -101,7 +101,7 @@ class VideoPipeline(FrozenEncoding, nn.Module):
                  image_encoder: nn.Module | None = None, *, negative_prompt: str | None = None,
                  adapters: Mapping[str, Adapter] | None = None, sampler: str = "ddim",
                  lcm: DistillOptions | None = None, noise_levels: int | None = None,
-                 defaults: Mapping[str, int] | None = None):
+                 defaults: Mapping[str, int] | None = None, data_conditions: Mapping | None = None):
         super().__init__()
         if sampler not in SAMPLERS:
             raise PipelineError(f"sampler={sampler} is not one of {list(SAMPLERS)}")
@@ -111,6 +111,7 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         self.adapters = dict(adapters or {})
         self.sampler, self.lcm, self.noise_levels = sampler, lcm, noise_levels
         self.defaults = {"num_frames": 8, "height": 32, "width": 32, "fps": 8, **(defaults or {})}
+        self.data_conditions = dict(data_conditions or {})  # the run's data.conditions: how its maps were made
         self._prompt_cache = None
 
     @property
@@ -183,7 +184,8 @@ class VideoPipeline(FrozenEncoding, nn.Module):
                    instantiate(model["image_encoder"]) if model.get("image_encoder") else None,
                    negative_prompt=(stage.get("conditioning") or {}).get("negative_prompt"), adapters=adapters,
                    sampler="lcm" if lcm is not None else "ddim", lcm=lcm,
-                   noise_levels=stage.get("noise_levels"), defaults=defaults)
+                   noise_levels=stage.get("noise_levels"), defaults=defaults,
+                   data_conditions=data.get("conditions"))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, ema: bool | None = None) -> VideoPipeline:
@@ -326,6 +328,49 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         finally:
             self.unet.train(was_training)
         return self.vae.decode(latents).clamp(-1, 1)
+
+    def reference_conditions(self, frames, names: Sequence[str] | None = None, *, height: int | None = None,
+                             width: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Condition maps of a reference clip (uint8 frames [F, H, W, 3], or mp4 bytes / a path decoded at the run's
+        fps), resized and cropped to the sampling size: ``{name: [1, ...]}`` for ``conditions=``.
+
+        ``names`` are the model's condition names or their kinds (``depthmap``, ``motion``, ...; default: every
+        map the run trained with). Each map is made as the run's ``data.conditions`` made it (its kind and weights).
+        """
+        import random
+
+        import numpy as np
+
+        from vgen.data.condition_maps import KINDS, extract
+        from vgen.data.transforms import resize_center_crop
+
+        height, width = height or self.defaults["height"], width or self.defaults["width"]
+        if isinstance(frames, (str, Path, bytes)):
+            from vgen.data.video import decode_video
+
+            data = Path(frames).read_bytes() if not isinstance(frames, bytes) else frames
+            frames = decode_video(data, self.defaults["num_frames"], self.defaults["fps"], start="first").frames
+        video = resize_center_crop(np.asarray(frames), width=width, height=height)
+        pixels = ((video + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        kinds = {}  # condition name -> (kind, weights)
+        for name, condition in self.unet.conditions.items():
+            spec = self.data_conditions.get(name) or {}
+            kind = spec.get("kind", getattr(condition, "composition", None))
+            if kind in KINDS:
+                kinds[name] = (kind, spec.get("weights"))
+        wanted = list(names) if names else [n for n in kinds if n in self.data_conditions] or list(kinds)
+        out, rng = {}, random.Random(seed)
+        for item in wanted:
+            name = item if item in kinds else next((n for n, (k, _) in kinds.items() if k == item), None)
+            if name is None:
+                raise PipelineError(f"condition {item!r}: the model has no condition map of that name or kind; it has "
+                                    f"{', '.join(f'{n} ({k})' for n, (k, _) in kinds.items()) or 'none'}")
+            kind, weights = kinds[name]
+            if kind == "depthmap" and weights is None:
+                raise PipelineError(f"condition {name!r} (depthmap) needs the DPT model: the run's "
+                                    f"data.conditions.{name}.weights")
+            out[name] = extract(kind, pixels, rng, weights)[None]
+        return out
 
     # ------------------------------------------------------------------ adapters and output
     def merge_adapters(self) -> None:

@@ -3,6 +3,7 @@
     python -m vgen.sample checkpoint=<ckpt> prompt="a red circle moving left" [image=<png/jpg>] \
         [num_frames=8] [height=32] [width=32] [steps=50] [guidance=9.0] [seed=0] [fps=8] [ema=true] \
         [sampler=ddim|lcm] [negative_prompt="..."] [upscale=1] [overwrite=false] [condition.<name>=<value>] \
+        [condition_video=<mp4> conditions=[depthmap,motion]] \
         [refiner=<ckpt> refine_height=720 refine_width=1280 ...] out=<file.mp4>
 
 The checkpoint is read by :class:`vgen.pipeline.VideoPipeline` (no training stage is built): size, frames, fps,
@@ -45,6 +46,8 @@ OPTIONS = {
     "refine_noise_levels": "noise levels of the refinement (default: the refiner's stage.noise_levels, 700)",
     "refine_prompt": "the refiner's text (default: prompt)",
     "condition.<name>": "a value for the model's condition <name>: a number, or comma-separated numbers (a vector)",
+    "condition_video": "reference clip (mp4) whose condition maps (depth, motion, sketch, ...) steer the video",
+    "conditions": "which maps of condition_video, by name or kind, e.g. [depthmap,motion] (default: the run's)",
 }
 REQUIRED = ("checkpoint", "prompt", "out")
 MAX_SIZE = 8192  # pixels per side
@@ -181,6 +184,10 @@ def sample(args: dict[str, str]) -> Path:
     elif pipe.needs_reference:
         raise UsageError("this checkpoint is an image-to-video model: pass image=<png/jpg>")
     conditions = condition_values(args, pipe)
+    if "condition_video" in args:
+        conditions.update(reference_maps(args, pipe, height, width, seed))
+    elif "conditions" in args:
+        raise UsageError("conditions= names maps of a reference clip: give condition_video=<mp4>")
     try:
         video = pipe([args["prompt"]], num_frames=num_frames, height=height, width=width, steps=steps,
                      guidance=guidance, seed=seed, negative_prompt=args.get("negative_prompt"), images=images,
@@ -210,6 +217,23 @@ def condition_values(args: dict[str, str], pipe) -> dict[str, torch.Tensor]:
             raise UsageError(f"{key}={text}: expected finite numbers")
         values[name] = torch.tensor([numbers[0]] if len(numbers) == 1 else [numbers])
     return values
+
+
+def reference_maps(args: dict[str, str], pipe, height: int, width: int, seed: int) -> dict[str, torch.Tensor]:
+    """The condition maps of ``condition_video`` named by ``conditions`` (``[a,b]`` or ``a,b``)."""
+    from vgen.data.errors import SampleError
+    from vgen.pipeline import PipelineError
+
+    path = Path(args["condition_video"])
+    if not path.is_file():
+        raise UsageError(f"condition_video={path}: no such file")
+    names = [n.strip() for n in args.get("conditions", "").strip("[]").split(",") if n.strip()]
+    try:
+        return pipe.reference_conditions(path, names or None, height=height, width=width, seed=seed)
+    except SampleError as err:
+        raise UsageError(f"condition_video={path}: {err}") from None
+    except PipelineError as err:
+        raise UsageError(f"conditions={args.get('conditions', '')}: {err}") from None
 
 
 def refine(video: torch.Tensor, args: dict[str, str], ema: bool | None) -> torch.Tensor:
