@@ -14,6 +14,7 @@ through ``vgen.train.train`` (Lightning relaunches the same command for rank 1).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -305,6 +306,22 @@ def test_validation_videos_of_a_sharded_model_sample_on_every_rank(strategy, tmp
     assert main([f"checkpoint={sharded}", "prompt=a red circle", "steps=2", f"out={tmp_path / 'v.mp4'}"]) == 0
     clip = decode_video((tmp_path / "v.mp4").read_bytes(), 4, sample_fps=8, start="first")
     assert clip.frames.shape == (4, 16, 16, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero3", "fsdp2"])
+def test_videocomposer_trains_under_every_kind_of_strategy(strategy, tmp_path):
+    """The VideoComposer network (STC encoders and style tokens inside the UNet, sharded with it) on condition
+    maps extracted from every clip, 2 ranks, 2 steps, with its all/none/each dropout (some encoders unused in a
+    step) and a checkpoint."""
+    out = tmp_path / "run"
+    maps = {name: {"kind": name} for name in ("local_image", "motion", "sketch", "single_sketch", "mask")}
+    launch(out, ["experiment=videocomposer_stage2", *BASE, f"strategy={strategy}", "trainer.devices=2",
+                 "trainer.max_steps=2", "model.unet.conditions.text.dropout=0.5"],
+           {"tag": "vc", "dump": False}, data={"conditions": maps}, timeout=400)
+    losses = json.loads((out / "losses-vc-rank0.json").read_text())
+    assert sorted(int(s) for s in losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
+    assert (out / "checkpoints" / "step0000002.ckpt").exists()
 
 
 @pytest.mark.slow

@@ -12,11 +12,14 @@ and its ``noise_seed``, from which the stage draws the sample's diffusion timest
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+
+from vgen.data.condition_maps import parse_conditions
 
 CAPTIONS = ("a red circle moving left", "a green square moving right", "a blue triangle moving down",
             "a yellow circle moving up")
@@ -24,27 +27,28 @@ CAPTIONS = ("a red circle moving left", "a green square moving right", "a blue t
 
 class _Batches(IterableDataset):
     def __init__(self, start: int, rank: int, world_size: int, batch_size: int, shape: tuple[int, ...], seed: int,
-                 fps: int, seeded_noise: bool):
+                 fps: int, seeded_noise: bool, conditions: tuple = ()):
         super().__init__()
         self.start, self.rank, self.world_size = start, rank, world_size
         self.batch_size, self.shape, self.seed, self.fps = batch_size, shape, seed, fps
-        self.seeded_noise = seeded_noise
+        self.seeded_noise, self.conditions = seeded_noise, conditions
 
     def __iter__(self):
         micro = self.start
         while True:
             first = (micro * self.world_size + self.rank) * self.batch_size
             yield make_batch(range(first, first + self.batch_size), self.shape, self.seed, self.fps,
-                             self.seeded_noise)
+                             self.seeded_noise, self.conditions)
             micro += 1
 
 
 def make_batch(indices: Sequence[int], shape: tuple[int, ...], seed: int, fps: int = 8,
-               seeded_noise: bool = True) -> dict:
+               seeded_noise: bool = True, conditions: tuple = ()) -> dict:
     """The batch of the given global sample indices: ``video`` [B, 3, F, H, W] in [-1, 1] and its metadata.
 
     With ``seeded_noise`` the batch carries each sample's ``noise_seed``; without it the stage draws noise and
-    timesteps from the global generator (as with real data).
+    timesteps from the global generator (as with real data). ``conditions`` (:class:`vgen.data.condition_maps.
+    ConditionMap`) are extracted from each clip, as the data stream does.
     """
     videos = []
     for j in indices:
@@ -59,6 +63,12 @@ def make_batch(indices: Sequence[int], shape: tuple[int, ...], seed: int, fps: i
     }
     if seeded_noise:
         batch["noise_seed"] = torch.tensor([seed * 1_000_003 + j + 7919 for j in indices], dtype=torch.long)
+    for condition in conditions:
+        maps = []
+        for j, video in zip(indices, batch["video"]):
+            pixels = ((video + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+            maps.append(condition({}, pixels, None, random.Random(seed * 1_000_003 + j)))
+        batch[condition.name] = torch.stack(maps)
     return batch
 
 
@@ -70,7 +80,7 @@ class SyntheticVideoData(L.LightningDataModule):
     """
 
     def __init__(self, batch_size: int = 2, num_frames: int = 4, resolution: Sequence[int] = (32, 32), seed: int = 0,
-                 fps: int = 8, seeded_noise: bool = True):
+                 fps: int = 8, seeded_noise: bool = True, conditions: Mapping | None = None):
         super().__init__()
         for key, value in (("batch_size", batch_size), ("num_frames", num_frames)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -80,11 +90,13 @@ class SyntheticVideoData(L.LightningDataModule):
         self.batch_size, self.num_frames, self.seed, self.fps = batch_size, num_frames, seed, fps
         self.width, self.height = int(resolution[0]), int(resolution[1])
         self.seeded_noise = seeded_noise
+        self.conditions = parse_conditions(conditions)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         start = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         shape = (3, self.num_frames, self.height, self.width)
-        dataset = _Batches(start, rank, world, self.batch_size, shape, self.seed, self.fps, self.seeded_noise)
+        dataset = _Batches(start, rank, world, self.batch_size, shape, self.seed, self.fps, self.seeded_noise,
+                           self.conditions)
         return DataLoader(dataset, batch_size=None, num_workers=0)
