@@ -9,7 +9,7 @@ from conftest import compose_unet_config, load_reference_json
 from vgen.compat import vgen as compat
 
 FULL = [("t2v_unet", "t2v"), ("i2vgen_xl_unet", "i2vgen_xl"), ("sr600_unet", "sr600"), ("tft2v_t2v_unet", "tft2v"),
-        ("tft2v_vcomposer_unet", "videocomposer"), ("videolcm_vcomposer_unet", "videocomposer")]
+        ("tft2v_vcomposer_unet", "videocomposer"), ("videolcm_vcomposer_unet", "videocomposer"), ("higen_unet", "higen")]
 
 
 def _keys(model):

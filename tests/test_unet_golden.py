@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import load_reference_json
 from vgen.compat import vgen as compat
 
-VARIANTS = ["t2v_unet_tiny", "i2vgen_xl_unet_tiny", "sr600_unet_tiny", "tft2v_vcomposer_unet_tiny"]
+VARIANTS = ["t2v_unet_tiny", "i2vgen_xl_unet_tiny", "sr600_unet_tiny", "tft2v_vcomposer_unet_tiny", "higen_unet_tiny"]
 
 
 def _cases(fp64_only=False):

@@ -49,13 +49,14 @@ _ORIGINAL_LORA_KEY = re.compile(r"^(.*)\.to_(q|k|v|out)_lora\.(down|up)_linear\.
 # Constructor arguments of the original classes that have no effect on the network built by the released code
 # (dead branches, training-time flags, bookkeeping). They are accepted and ignored, as the original does.
 _INERT_KWARGS = frozenset({
+    "context_embedding_depth", "black_image_feature",
     "config", "hist_dim", "dim_condition", "temporal_attn_times", "use_checkpoint", "use_sim_mask", "training",
     "inpainting", "p_all_zero", "p_all_keep", "zero_y", "adapter_transformer_layers_unused", "upper_len",
     "default_fps", "misc_dropout", "use_scale_shift_norm", "concat_dim", "y_dim_unused",
 })
 
 SUPPORTED_CLASSES = ("UNetSD_T2VBase", "UNetSD_I2VGen", "UNetSD_SR600", "UNetSD_LoRA", "UNetSD_TFT2V",
-                     "UNetSD_VideoLCM")
+                     "UNetSD_VideoLCM", "UNetSD_HiGen")
 _COMPOSER_CLASSES = ("UNetSD_TFT2V", "UNetSD_VideoLCM")
 # TF-T2V / VideoLCM compositions -> (condition name, forward argument); summed in the original's forward order.
 _STC_ORDER = (("depthmap", "depth", "depth"), ("local_image", "local_image", "local_image"),
@@ -72,9 +73,11 @@ _ORIGINAL_DEFAULTS = {
     "head_dim": 64, "num_res_blocks": 3, "attn_scales": [1 / 2, 1 / 4, 1 / 8], "dropout": 0.1, "temporal_attention": True,
     "use_image_dataset": False, "use_fps_condition": False, "adapter_transformer_layers": 1,
 }
-_CLASS_DEFAULTS = {"UNetSD_I2VGen": {"in_dim": 7}, "UNetSD_SR600": {"in_dim": 7}}
+_CLASS_DEFAULTS = {"UNetSD_I2VGen": {"in_dim": 7}, "UNetSD_SR600": {"in_dim": 7},
+                   "UNetSD_HiGen": {"num_tokens": 16, "context_embedding_depth": 4}}
 
 _FORWARD_ARGS = {
+    "UNetSD_HiGen": ("y", "spat_prior", "motion_cond", "appearance_cond", "fps"),
     "UNetSD_TFT2V": ("y", "image", "histogram", "fps", *(argument for _, _, argument in _STC_ORDER)),
     "UNetSD_VideoLCM": ("y", "image", "histogram", "fps", *(argument for _, _, argument in _STC_ORDER)),
     "UNetSD_T2VBase": ("y", "fps"),
@@ -84,6 +87,8 @@ _FORWARD_ARGS = {
 }
 # Forward arguments the originals accept but ignore with released configs (checked against the goldens).
 _INERT_FORWARD_ARGS = {
+    "UNetSD_HiGen": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
+    "UNetSD_HiGen": ("y", "spat_prior", "motion_cond", "appearance_cond", "fps"),
     "UNetSD_TFT2V": ("video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_VideoLCM": ("t_w", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_T2VBase": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
@@ -95,7 +100,8 @@ _INERT_FORWARD_ARGS = {
 
 _T2V_CLASSES = ("UNetSD_T2VBase", "UNetSD_LoRA")
 # Original forward argument -> the condition it feeds (the VideoComposer classes: their compositions' names).
-_ARGUMENT_CONDITIONS = {"y": "text", "image": "image", "local_image": "first_frame", "fps": "fps"}
+_ARGUMENT_CONDITIONS = {"y": "text", "image": "image", "local_image": "first_frame", "fps": "fps",
+                        "spat_prior": "prior", "motion_cond": "motion", "appearance_cond": "appearance"}
 _COMPOSER_ARGUMENTS = {"y": "text", "image": "image", "histogram": "histogram", "fps": "fps",
                        **{argument: name for _, name, argument in _STC_ORDER}}
 
@@ -115,7 +121,13 @@ def _conditions(class_name: str, kw: Mapping) -> dict:
                              "original_names": {"mlp.": "fps_embedding."}}
     elif class_name in _COMPOSER_CLASSES:
         conditions.update(_composer_conditions(class_name, kw))
-    if class_name in (*_T2V_CLASSES, *_COMPOSER_CLASSES) and kw["use_fps_condition"]:
+    elif class_name == "UNetSD_HiGen":  # the resampled text is the whole context; cues in every frame's embedding
+        conditions["text"] = {"_target_": "vgen.models.conditions.higen.TextResampler", "text_dim": kw["y_dim"],
+                              "num_tokens": kw["num_tokens"], "depth": kw["context_embedding_depth"]}
+        conditions["motion"] = {"_target_": "vgen.models.conditions.higen.MotionCue", "required": True}
+        conditions["appearance"] = {"_target_": "vgen.models.conditions.higen.AppearanceCue", "required": True}
+        conditions["prior"] = {"_target_": "vgen.models.conditions.higen.SpatialPrior", "required": True}
+    if class_name in (*_T2V_CLASSES, *_COMPOSER_CLASSES, "UNetSD_HiGen") and kw["use_fps_condition"]:
         conditions["fps"] = {"_target_": "vgen.models.conditions.ScalarEmbedding",
                              "original_names": {"mlp.": "fps_embedding."}}
     return conditions
@@ -195,6 +207,7 @@ def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> U
         image_dim=kw["context_dim"] if class_name in _COMPOSER_CLASSES else kw["y_dim"],
         conditions=_conditions(class_name, kw),
         concat_channels=kw["concat_dim"] if class_name in _COMPOSER_CLASSES else 0,
+        temporal_identity_for_stills=class_name == "UNetSD_HiGen",
         resample="sr600" if class_name == "UNetSD_SR600" else "standard",
         skip_filters=((1.1, 0.6), (1.2, 0.4)) if class_name == "UNetSD_SR600" else (),
         gradient_checkpointing=False,

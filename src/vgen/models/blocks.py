@@ -56,11 +56,16 @@ class _GEGLU(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: self-attention, cross-attention (self when ``context_dim`` is None), GEGLU FF."""
+    """Pre-LayerNorm block: self-attention, cross-attention (self when ``context_dim`` is None), GEGLU FF.
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float = 0.0):
+    ``disable_self_attn``: the first attention cross-attends to the context too (HiGen's text resampler).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float = 0.0,
+                 disable_self_attn: bool = False):
         super().__init__()
-        self.attn1 = Attention(dim, heads, head_dim, None, dropout)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = Attention(dim, heads, head_dim, context_dim if disable_self_attn else None, dropout)
         self.ff = GEGLUFeedForward(dim, dropout=dropout)
         self.attn2 = Attention(dim, heads, head_dim, context_dim, dropout)
         self.norm1 = nn.LayerNorm(dim)
@@ -68,7 +73,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -112,6 +117,7 @@ class TemporalTransformer(nn.Module):
             raise ValueError(f"position={position!r} is not one of ('none', 'sinusoidal')")
         self.position = position
         self.bypass = False  # UNet3D.set_temporal_bypass: act as the identity
+        self.identity_for_stills = False  # HiGen: the identity on single frames (its residual branch times 0)
         inner = heads * head_dim
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Conv1d(channels, inner, 1)
@@ -121,7 +127,7 @@ class TemporalTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x, emb=None, context=None, num_frames=1):
-        if self.bypass:
+        if self.bypass or (self.identity_for_stills and num_frames == 1):
             return x
         video = unfold_frames(x, num_frames)  # [B, C, F, H, W]
         b, c, f, h, w = video.shape
@@ -157,9 +163,10 @@ class TemporalConvBlock(nn.Module):
         nn.init.zeros_(self.conv4[-1].weight)
         nn.init.zeros_(self.conv4[-1].bias)
         self.bypass = False  # UNet3D.set_temporal_bypass: act as the identity
+        self.identity_for_stills = False  # HiGen: the identity on single frames (its residual branch times 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, F, H, W]
-        if self.bypass:
+        if self.bypass or (self.identity_for_stills and x.shape[2] == 1):
             return x
         return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
 

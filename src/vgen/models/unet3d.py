@@ -91,6 +91,7 @@ class UNet3DConfig:
     skip_filters: tuple[tuple[float, float], ...] = ()  # FreeU: (backbone scale, skip Fourier scale) per decoder block
     skip_filter_threshold: int = 1  # half-width of the low-frequency box scaled by the skip filter
     gradient_checkpointing: bool = False  # recompute ResBlocks/transformers in backward
+    temporal_identity_for_stills: bool = False  # temporal layers are the identity on single frames (HiGen)
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -222,6 +223,9 @@ class UNet3D(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
+        for module in self.modules():
+            if isinstance(module, (TemporalTransformer, TemporalConvBlock)):
+                module.identity_for_stills = cfg.temporal_identity_for_stills
 
     # ------------------------------------------------------------------ switches
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
