@@ -88,7 +88,6 @@ _FORWARD_ARGS = {
 # Forward arguments the originals accept but ignore with released configs (checked against the goldens).
 _INERT_FORWARD_ARGS = {
     "UNetSD_HiGen": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
-    "UNetSD_HiGen": ("y", "spat_prior", "motion_cond", "appearance_cond", "fps"),
     "UNetSD_TFT2V": ("video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_VideoLCM": ("t_w", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_T2VBase": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),

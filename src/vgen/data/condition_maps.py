@@ -187,7 +187,7 @@ def parse_conditions(config: Mapping | None) -> tuple[ConditionMap, ...]:
         out.append(ConditionMap(name=str(name), **{k: v for k, v in entry.items()}))
     # Import the extractors now, not inside the training loop: DeepSpeed ZeRO-3 patches module classes while it
     # runs, and classes defined then (kornia's, transformers') break.
-    import vgen.data.conditions  # noqa: F401
+    import vgen.data.conditions
 
     if any(c.kind == "depthmap" and c.extract for c in out):
         import vgen.data.conditions.depth  # noqa: F401

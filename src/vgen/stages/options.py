@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from vgen.training.optim import DECAY_MODES
@@ -198,9 +198,3 @@ class TuningOptions:
         _number("tuning", "guidance", self.guidance, 0)
         _number("tuning", "kl_weight", self.kl_weight, 0)
 
-
-@dataclass
-class AdapterOptions:
-    """One adapter set applied from outside the UNet (``_target_`` an :class:`vgen.models.adapters.Adapter`)."""
-
-    spec: dict = field(default_factory=dict)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgen.models.blocks import TransformerBlock
-from vgen.models.conditions.base import Condition, ConditionError, ConditionInputs, UNetDims
+from vgen.models.conditions.base import Condition, ConditionError, UNetDims
 from vgen.models.conditions.standard import EmbeddingMLP, TextTokens, sinusoid_for
 
 
