@@ -212,8 +212,18 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         return cls.from_config(config, weights, base_weights=base)
 
     # ------------------------------------------------------------------ sampling
+    def __call__(self, prompts: str | Sequence[str], **kwargs) -> torch.Tensor:
+        """Videos [B, 3, F, H, W] in [-1, 1] for ``prompts`` (see :meth:`sample`); a HiGen model samples its two
+        passes (:meth:`higen`) unless ``conditions`` give its cues."""
+        cues = {n for n, c in self.unet.conditions.items()
+                if type(c).__name__ in ("SpatialPrior", "MotionCue", "AppearanceCue")}
+        if self.hierarchical and not cues <= set(kwargs.get("conditions") or {}):
+            higen = {k: kwargs.pop(k) for k in ("motion_factor", "appearance_factor") if k in kwargs}
+            return self.higen(prompts, **higen, **kwargs)
+        return self.sample(prompts, **kwargs)
+
     @torch.no_grad()
-    def __call__(
+    def sample(
         self,
         prompts: str | Sequence[str],
         *,
@@ -229,6 +239,7 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         sampler: str | None = None,
         eta: float | None = None,
         conditions: Mapping[str, torch.Tensor] | None = None,
+        output: str = "video",
     ) -> torch.Tensor:
         """Videos [B, 3, F, H, W] in [-1, 1] for ``prompts``.
 
@@ -236,7 +247,10 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         condition values by name directly (e.g. a TF-T2V image embedding, or a condition of your own); ``fps``
         is the fps condition of fps-conditioned models. Defaults come from the training run; ``sampler`` is
         ``ddim`` (classifier-free guidance against each condition's null) or ``lcm`` (distilled models).
+        ``output="latent"`` returns the sampled latents undecoded.
         """
+        if output not in ("video", "latent"):
+            raise PipelineError(f"output must be video or latent, got {output!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         b = len(prompts)
         num_frames = num_frames or self.defaults["num_frames"]
@@ -266,12 +280,16 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         elif self.needs_reference:
             raise PipelineError("this model is image-to-video: pass a first-frame image per prompt (image=)")
         encoders = self if negative_prompt is None else _WithNegativePrompt(self, negative_prompt)
-        values = self.condition_values(ConditionInputs(batch=batch, encoders=encoders, num_frames=num_frames,
-                                                       latents=latents))
+        given = {}
         for name, value in (conditions or {}).items():
             if name not in self.unet.conditions:
                 raise PipelineError(f"unknown condition {name!r}; this model's conditions: {list(self.unet.conditions)}")
-            values[name] = torch.as_tensor(value, device=device)
+            given[name] = torch.as_tensor(value, device=device)
+        try:
+            values = self.condition_values(ConditionInputs(batch=batch, encoders=encoders, num_frames=num_frames,
+                                                           latents=latents), given=given)
+        except ConditionError as err:
+            raise PipelineError(str(err)) from None
         cond, uncond = guidance_pair(self.unet.conditions, values, encoders)
         generator = torch.Generator(device=device).manual_seed(seed)
         shape = (b, self.vae.latent_channels, num_frames, height // ds, width // ds)
@@ -285,7 +303,46 @@ class VideoPipeline(FrozenEncoding, nn.Module):
             raise PipelineError(str(err)) from None
         finally:
             self.unet.train(was_training)
-        return self.vae.decode(out).clamp(-1, 1)
+        return out if output == "latent" else self.vae.decode(out).clamp(-1, 1)
+
+    @property
+    def hierarchical(self) -> bool:
+        """Whether the model is HiGen's (a spatial prior and motion / appearance cues): sample with :meth:`higen`."""
+        kinds = {type(c).__name__ for c in self.unet.conditions.values()}
+        return {"SpatialPrior", "MotionCue", "AppearanceCue"} <= kinds
+
+    @torch.no_grad()
+    def higen(self, prompts: str | Sequence[str], *, motion_factor: float = 500, appearance_factor: float = 1.0,
+              num_frames: int | None = None, seed: int = 0, **kwargs) -> torch.Tensor:
+        """HiGen's two passes: a key frame (one frame, neutral cues: zero prior, motion 0, appearance all ones), then
+        the video conditioned on it (the key frame's latent as spatial prior, ``motion_factor`` for every
+        adjacent-frame pair, appearance ``1 - appearance_factor |k - j| / (F - 1)``). Other arguments as
+        :meth:`__call__` -> videos [B, 3, F, H, W]."""
+        from vgen.data.conditions.cues import appearance_schedule
+
+        if not self.hierarchical:
+            raise PipelineError("higen sampling needs a HiGen model (spatial prior, motion and appearance cues)")
+        names = {type(c).__name__: n for n, c in self.unet.conditions.items()}
+        prior, motion, appearance = names["SpatialPrior"], names["MotionCue"], names["AppearanceCue"]
+        width = self.unet.conditions[appearance].max_frames
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        b, frames = len(prompts), num_frames or self.defaults["num_frames"]
+        if not 1 <= frames <= width:
+            raise PipelineError(f"num_frames must be in [1, {width}] (the appearance cue's width), got {frames}")
+        device = self.device
+        neutral = {motion: torch.zeros(b, dtype=torch.long, device=device),
+                   appearance: appearance_schedule(1, max_frames=width).to(device).expand(b, 1, -1)}
+        height, width_px = kwargs.get("height") or self.defaults["height"], kwargs.get("width") or self.defaults["width"]
+        ds = getattr(self.vae, "downsample", 1)
+        neutral[prior] = torch.zeros(b, self.vae.latent_channels, height // ds, width_px // ds, device=device)
+        extra = kwargs.pop("conditions", None) or {}
+        key = self.sample(prompts, num_frames=1, seed=seed, conditions={**extra, **neutral}, output="latent",
+                          **kwargs)
+        cues = {prior: key[:, :, 0],
+                motion: torch.full((b, max(frames - 1, 1)), round(motion_factor), dtype=torch.long, device=device)
+                if frames > 1 else torch.zeros(b, dtype=torch.long, device=device),
+                appearance: appearance_schedule(frames, appearance_factor, width).to(device).expand(b, -1, -1)}
+        return self.sample(prompts, num_frames=frames, seed=seed + 1, conditions={**extra, **cues}, **kwargs)
 
     @torch.no_grad()
     def refine(self, videos: torch.Tensor, prompts: str | Sequence[str], *, height: int | None = None,

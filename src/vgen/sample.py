@@ -3,7 +3,7 @@
     python -m vgen.sample checkpoint=<ckpt> prompt="a red circle moving left" [image=<png/jpg>] \
         [num_frames=8] [height=32] [width=32] [steps=50] [guidance=9.0] [seed=0] [fps=8] [ema=true] \
         [sampler=ddim|lcm] [negative_prompt="..."] [upscale=1] [overwrite=false] [condition.<name>=<value>] \
-        [condition_video=<mp4> conditions=[depthmap,motion]] \
+        [condition_video=<mp4> conditions=[depthmap,motion]] [motion_factor=500 appearance_factor=1.0] \
         [refiner=<ckpt> refine_height=720 refine_width=1280 ...] out=<file.mp4>
 
 The checkpoint is read by :class:`vgen.pipeline.VideoPipeline` (no training stage is built): size, frames, fps,
@@ -47,6 +47,8 @@ OPTIONS = {
     "refine_prompt": "the refiner's text (default: prompt)",
     "condition.<name>": "a value for the model's condition <name>: a number, or comma-separated numbers (a vector)",
     "condition_video": "reference clip (mp4) whose condition maps (depth, motion, sketch, ...) steer the video",
+    "motion_factor": "HiGen: motion intensity of every adjacent-frame pair (default 500, typical motion)",
+    "appearance_factor": "HiGen: appearance change over the clip, 0 (none) to 1 (default)",
     "conditions": "which maps of condition_video, by name or kind, e.g. [depthmap,motion] (default: the run's)",
 }
 REQUIRED = ("checkpoint", "prompt", "out")
@@ -183,6 +185,13 @@ def sample(args: dict[str, str]) -> Path:
         images = load_image(args["image"], height, width)
     elif pipe.needs_reference:
         raise UsageError("this checkpoint is an image-to-video model: pass image=<png/jpg>")
+    higen = {}
+    for key, high in (("motion_factor", 100_000.0), ("appearance_factor", 1.0)):
+        value = _float(args, key, 0.0, high)
+        if value is not None:
+            if not pipe.hierarchical:
+                raise UsageError(f"{key}={args[key]}: only HiGen checkpoints (model/unet=higen) take it")
+            higen[key] = value
     conditions = condition_values(args, pipe)
     if "condition_video" in args:
         conditions.update(reference_maps(args, pipe, height, width, seed))
@@ -191,7 +200,7 @@ def sample(args: dict[str, str]) -> Path:
     try:
         video = pipe([args["prompt"]], num_frames=num_frames, height=height, width=width, steps=steps,
                      guidance=guidance, seed=seed, negative_prompt=args.get("negative_prompt"), images=images,
-                     fps=fps, sampler=sampler, conditions=conditions)
+                     fps=fps, sampler=sampler, conditions=conditions, **higen)
         if "refiner" in args:
             video = refine(video, args, ema)
     except PipelineError as err:

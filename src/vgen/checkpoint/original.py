@@ -17,7 +17,8 @@ Files are read with ``torch.load(weights_only=True)`` or safetensors (:func:`vge
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from vgen.compat import vgen as compat
 from vgen.models.frozen import read_state_dict
 from vgen.models.unet3d import UNet3D, UNet3DConfig
 
+log = logging.getLogger(__name__)
 LDM_UNET_PREFIX = "model.diffusion_model."
 FORMATS = ("auto", "vgen", "sd21", "vgen_ckpt", "diffusers")
 _LDM_RESBLOCK_LAYERS = ("in_layers.", "emb_layers.", "out_layers.", "skip_connection.")
@@ -48,19 +50,25 @@ def to_vgen_state_dict(model: UNet3D) -> dict[str, torch.Tensor]:
     return dict(compat.state_dict(model))
 
 
-def load_vgen_state_dict(model: UNet3D, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+def load_vgen_state_dict(model: UNet3D, state: Mapping[str, torch.Tensor], source: str = "state dict",
+                         allow_missing: Sequence[str] = ()) -> list[str]:
     """Load an original VGen state dict into ``model`` strictly (cast to the model's dtypes; a model built on the
     meta device takes the tensors). Nothing is loaded unless every key and shape matches; the error names
-    ``source`` and every bad key."""
+    ``source`` and every bad key. ``allow_missing``: prefixes of ``model``'s own keys (e.g. ``conditions.motion.``)
+    the file may lack; those keep their initial values and are returned."""
     if isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise TypeError(f"{source}: state dict values must be tensors; not tensors: {not_tensors[:10]}")
     given = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = {k: v.shape for k, v in to_vgen_state_dict(model).items()}
+    names = compat.original_key_map(model)
+    fresh = [ours for ours, theirs in names.items() if ours.startswith(tuple(allow_missing)) and theirs not in given]
+    expected = {k: v.shape for k, v in to_vgen_state_dict(model).items() if k not in {names[f] for f in fresh}}
     _check_strict(expected, {k: v.shape for k, v in given.items()}, f"{source} does not match {_class_name(model.config)}")
-    _assign(model, {ours: given[theirs] for ours, theirs in compat.original_key_map(model).items()})
+    current = model.state_dict()
+    _assign(model, {ours: current[ours] if ours in fresh else given[theirs] for ours, theirs in names.items()})
+    return fresh
 
 
 def _check_strict(expected: Mapping[str, torch.Size], given: Mapping[str, torch.Size], title: str,
@@ -190,12 +198,13 @@ def detect_format(path: str | Path, state: Mapping[str, torch.Tensor] | None = N
     return "vgen"
 
 
-def init_unet(model: UNet3D, path: str | Path, fmt: str = "auto") -> str:
+def init_unet(model: UNet3D, path: str | Path, fmt: str = "auto", allow_missing: Sequence[str] = ()) -> str:
     """Give ``model`` the weights of ``path`` (see the module doc for formats); returns the format used.
 
     ``fmt``: ``auto`` (from the file's keys), ``vgen`` (original VGen release), ``sd21`` (spatial init from a
     Stable Diffusion 2.1 LDM checkpoint), ``vgen_ckpt`` (a vgen training checkpoint's UNet: its EMA weights when
-    it has them), ``diffusers``.
+    it has them), ``diffusers``. ``allow_missing`` (VGen releases and vgen checkpoints): prefixes of the model's
+    keys the file may lack, e.g. HiGen's new zero-initialised paths over a T2V release; they keep their init.
     """
     if fmt not in FORMATS:
         raise ValueError(f"weights format {fmt!r} is not one of {FORMATS}")
@@ -206,7 +215,7 @@ def init_unet(model: UNet3D, path: str | Path, fmt: str = "auto") -> str:
         from vgen.checkpoint.diffusers import load_diffusers
 
         loaded = load_diffusers(path)
-        if loaded.config != model.config:
+        if loaded.config.architecture() != model.config.architecture():
             raise ValueError(f"{path}: the diffusers model's config differs from model.unet ({loaded.config})")
         _assign(model, loaded.state_dict())
         return "diffusers"
@@ -217,11 +226,16 @@ def init_unet(model: UNet3D, path: str | Path, fmt: str = "auto") -> str:
     elif fmt == "vgen_ckpt":
         ckpt = load_training_checkpoint(path)
         weights = unet_weights(ckpt, ema="ema" in ckpt)
-        _check_strict({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in weights.items()},
-                      f"{path} does not match model.unet")
-        _assign(model, weights)
+        current = model.state_dict()
+        fresh = [k for k in current if k.startswith(tuple(allow_missing)) and k not in weights]
+        _check_strict({k: v.shape for k, v in current.items() if k not in fresh},
+                      {k: v.shape for k, v in weights.items()}, f"{path} does not match model.unet")
+        _assign(model, {**{k: current[k] for k in fresh}, **weights})
     else:
-        load_vgen_state_dict(model, state, str(path))
+        fresh = load_vgen_state_dict(model, state, str(path), allow_missing)
+    if fmt in ("vgen", "vgen_ckpt") and fresh:
+        log.info("%s: %d parameters it does not hold keep their initialisation (allowed by allow_missing): %s",
+                 path, len(fresh), ", ".join(fresh))
     return fmt
 
 

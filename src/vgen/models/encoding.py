@@ -106,11 +106,16 @@ class FrozenEncoding:
         return ConditionInputs(batch=batch, encoders=self, num_frames=num_frames, latents=latents)
 
     @torch.no_grad()
-    def condition_values(self, inputs: ConditionInputs, unet=None) -> dict[str, torch.Tensor]:
-        """``{name: value}`` of every condition of the UNet that ``inputs`` provide (absent ones left out)."""
+    def condition_values(self, inputs: ConditionInputs, unet=None, given: Mapping[str, Any] | None = None
+                         ) -> dict[str, torch.Tensor]:
+        """``{name: value}`` of every condition of the UNet that ``inputs`` provide (absent ones left out); the
+        ``given`` values are taken as they are instead of extracted."""
         unet = self.unet if unet is None else unet
         values = {}
         for name, condition in unet.conditions.items():
+            if given is not None and name in given:
+                values[name] = given[name]
+                continue
             value = condition.value(inputs)
             if value is not None:
                 values[name] = value

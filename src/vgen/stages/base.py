@@ -143,7 +143,7 @@ class DiffusionStage(FrozenEncoding, L.LightningModule):
         path, adapters = self.init_cfg.path, list(self.adapters.values())
         with_adapters = path is not None and file_has_adapter_keys(path, adapters)
         if path is not None and not with_adapters:
-            init_unet(unet, path, self.init_cfg.format)
+            init_unet(unet, path, self.init_cfg.format, self.init_cfg.allow_missing)
         for name, adapter in self.adapters.items():
             try:
                 modules = adapter.apply(unet)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from vgen.training.optim import DECAY_MODES
@@ -134,11 +134,15 @@ class ConditioningOptions:
 class InitOptions:
     path: str | None = None  # initial UNet weights (null = model.unet's random init)
     format: str = "auto"  # auto | vgen | sd21 | vgen_ckpt | diffusers
+    allow_missing: list[str] = field(default_factory=list)  # model key prefixes the file may lack (new paths)
 
     def __post_init__(self):
         _choice("init", "format", self.format, INIT_FORMATS)
         if self.path is not None:
             self.path = str(self.path)
+        if isinstance(self.allow_missing, str) or not all(isinstance(p, str) and p for p in self.allow_missing):
+            raise OptionError(f"stage.init.allow_missing must be a list of key prefixes, got {self.allow_missing!r}")
+        self.allow_missing = list(self.allow_missing)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgen.models.blocks import TransformerBlock
-from vgen.models.conditions.base import Condition, ConditionError, UNetDims
+from vgen.models.conditions.base import Condition, ConditionError, ConditionInputs, UNetDims
 from vgen.models.conditions.standard import EmbeddingMLP, TextTokens, sinusoid_for
 
 
@@ -73,6 +73,21 @@ class MotionCue(Condition):
         self.dim = dims.model_channels
         self.mlp = EmbeddingMLP(dims.model_channels, dims.embed_dim, zero_init_last=True)
 
+    def extract(self, inputs: ConditionInputs) -> torch.Tensor | None:
+        """The batch's ``motion`` member (its name), else measured from the clip's frames
+        (:func:`vgen.data.conditions.cues.motion_intensity`); 0 for single frames."""
+        given = super().extract(inputs)
+        if given is not None:
+            return given
+        video = inputs.batch.get("video")
+        b = inputs.batch_size
+        if inputs.num_frames == 1 or video is None or video.shape[2] == 1:
+            return torch.zeros(b, dtype=torch.long, device=inputs.encoders.device)
+        from vgen.data.conditions.cues import motion_intensity
+
+        pixels = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1)
+        return torch.stack([motion_intensity(clip.cpu()) for clip in pixels]).to(inputs.encoders.device)
+
     def forward(self, value: torch.Tensor, num_frames: int) -> torch.Tensor:
         weight = self.mlp[0].weight
         if num_frames == 1:
@@ -99,6 +114,7 @@ class AppearanceCue(Condition):
     frame's timestep embedding."""
 
     routes = ("embedding",)
+    needs_image_encoder = True  # measured from the clip's frames with the image encoder
     default_original_names: ClassVar[dict[str, str]] = {"mlp.": "asim_embedding."}
 
     def __init__(self, dims: UNetDims, *, max_frames: int = 32, drop_to: str = "keep", guide_to: str = "keep",
@@ -111,6 +127,26 @@ class AppearanceCue(Condition):
                                  nn.Linear(dims.embed_dim, dims.embed_dim))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+
+    def extract(self, inputs: ConditionInputs) -> torch.Tensor | None:
+        """The batch's member of this name, else the cosine similarities of the clip's frames' image-encoder
+        embeddings (:func:`vgen.data.conditions.cues.appearance_similarity`); all ones for single frames."""
+        from vgen.data.conditions.cues import appearance_schedule, appearance_similarity
+
+        given = super().extract(inputs)
+        if given is not None:
+            return given
+        video, device = inputs.batch.get("video"), inputs.encoders.device
+        if inputs.num_frames == 1 or video is None or video.shape[2] == 1:
+            return appearance_schedule(1, max_frames=self.max_frames).to(device).expand(inputs.batch_size, 1, -1)
+        encoder = getattr(inputs.encoders, "image_encoder", None)
+        if encoder is None:
+            raise ConditionError(f"the condition {self.name!r} is measured with the image encoder: set "
+                                 "model.image_encoder (or store the cue as a batch member)")
+        b, _, f = video.shape[:3]
+        with torch.no_grad():
+            embeddings = encoder(video.transpose(1, 2).flatten(0, 1)).reshape(b, f, -1)
+        return torch.stack([appearance_similarity(e, self.max_frames) for e in embeddings]).to(device)
 
     def forward(self, value: torch.Tensor, num_frames: int) -> torch.Tensor:
         if value.ndim != 3 or value.shape[1:] != (num_frames, self.max_frames):
@@ -129,12 +165,21 @@ class SpatialPrior(Condition):
     routes = ("feature",)
     default_original_names: ClassVar[dict[str, str]] = {"conv.": "img_embedding."}
 
-    def __init__(self, dims: UNetDims, *, drop_to: str = "zeros", guide_to: str = "keep", **kwargs):
-        super().__init__(drop_to=drop_to, guide_to=guide_to, **kwargs)
+    def __init__(self, dims: UNetDims, *, drop_to: str = "zeros", guide_to: str = "keep", stills: str = "zeros",
+                 **kwargs):
+        super().__init__(drop_to=drop_to, guide_to=guide_to, stills=stills, **kwargs)
         self.latent_channels = dims.latent_channels
         self.conv = nn.Conv2d(dims.latent_channels, dims.model_channels, 3, padding=1)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
+
+    def extract(self, inputs: ConditionInputs) -> torch.Tensor | None:
+        """The batch's member of this name, else the clean latent of the clip's first frame (zeros for single
+        frames through ``stills: zeros``)."""
+        given = super().extract(inputs)
+        if given is not None:
+            return given
+        return None if inputs.latents is None else inputs.latents[:, :, 0]
 
     def forward(self, value: torch.Tensor, num_frames: int) -> torch.Tensor:
         if value.ndim == 5 and value.shape[2] == 1:
