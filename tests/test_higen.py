@@ -27,7 +27,7 @@ def test_cues_of_a_static_and_a_moving_clip():
     moving = square_clip(3)
     assert motion_intensity(static).tolist() == [0] * 5
     assert (motion_intensity(moving) > 0).all() and motion_intensity(moving).dtype == torch.long
-    flat = lambda clip: torch.from_numpy(clip).flatten(1).float()  # noqa: E731 - pixels as the embedding
+    flat = lambda clip: torch.from_numpy(clip).flatten(1).float()  # pixels as the embedding
     still = appearance_similarity(flat(static))
     assert still.shape == (6, 32) and torch.allclose(still[:, :6], torch.ones(6, 6)) and not still[:, 6:].any()
     sim = appearance_similarity(flat(moving))[:, :6]
