@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from vgen.data.buckets import BUCKET_MODES, Bucket, parse_buckets
 from vgen.data.condition_maps import parse_conditions
+from vgen.data.conditions.cues import MAX_FRAMES
 from vgen.data.shards import ShardSchedule
 from vgen.data.stream import LOADER_KEY, SOURCE_TYPES, BatchPlan, BatchStream, SampleDecoder, Source
 from vgen.data.video import BACKENDS as VIDEO_BACKENDS
@@ -133,7 +134,10 @@ class VideoDataModule(L.LightningDataModule):
     stride (see :func:`vgen.data.video.frame_stride`); ``random_start=False`` takes the centre window.
     ``video_backend`` decodes videos with ``pyav`` (default) or ``decord`` (optional dependency).
     ``conditions``: condition maps every clip brings (:mod:`vgen.data.condition_maps`: stored shard members, or
-    extracted from the decoded clip), batch members of the same names.
+    extracted from the decoded clip), batch members of the same names. ``cues``: every clip of two or more frames
+    brings HiGen's cues as batch members ``motion`` (measured from its frames) and ``appearance`` (from the
+    embeddings ``data_pipelines/cues.py`` stored; without them the stage measures it): see
+    :func:`vgen.data.conditions.cues.window_cues`.
     ``shuffle_buffer`` consecutive samples of a shard are shuffled together (0 = shard order).
     """
 
@@ -153,6 +157,7 @@ class VideoDataModule(L.LightningDataModule):
         bucket_mode: str = "batch",
         video_backend: str = "pyav",
         conditions: Mapping | None = None,
+        cues: bool = False,
     ):
         super().__init__()
         if isinstance(sources, (str, Mapping)) or not sources:
@@ -182,10 +187,23 @@ class VideoDataModule(L.LightningDataModule):
         self.bucket_mode = bucket_mode
         self.video_backend = _video_backend(video_backend)
         self.conditions = parse_conditions(conditions)
+        self.cues = self._cues(cues)
         self.dataset: BatchStream | None = None
         self._consumed = 0  # batches of this rank that training has taken (the loader prefetches more)
         self._cursors: list[dict | None] = []  # per reader slot: its position after its last consumed batch
         self._pending_state: dict | None = None
+
+    def _cues(self, cues: bool) -> bool:
+        if not isinstance(cues, bool):
+            raise TypeError(f"{CONFIG_PREFIX}.cues must be true or false, got {cues!r}")
+        clashing = [c.name for c in self.conditions if c.name in ("motion", "appearance")]
+        if cues and clashing:
+            raise ValueError(f"{CONFIG_PREFIX}.cues makes the batch members motion and appearance: rename "
+                             f"{CONFIG_PREFIX}.conditions.{clashing[0]}")
+        if cues and self.clip_frames() > MAX_FRAMES:
+            raise ValueError(f"{CONFIG_PREFIX}.cues: HiGen's appearance cue spans {MAX_FRAMES} frames at most, but "
+                             f"clips have {self.clip_frames()}")
+        return cues
 
     @staticmethod
     def _key(index: int) -> str:
@@ -277,6 +295,7 @@ class VideoDataModule(L.LightningDataModule):
                 caption_required=config.caption_required,
                 video_backend=self.video_backend,
                 conditions=self.conditions,
+                cues=self.cues,
             )
             schedule = ShardSchedule(resolve_shards(config.urls, f"{key}.urls"), self.seed, key)
             sources.append(Source(key, config.type, float(config.weight), schedule, decoder))

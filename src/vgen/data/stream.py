@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vgen.data.buckets import Bucket
 from vgen.data.condition_maps import ConditionMap
+from vgen.data.conditions.cues import window_cues
 from vgen.data.errors import SKIP_REASONS as REASONS
 from vgen.data.errors import DataError, SampleError
 from vgen.data.image import IMAGE_EXTENSIONS, decode_image
@@ -62,6 +63,7 @@ class SampleDecoder:
     caption_required: bool = True
     video_backend: str = "pyav"
     conditions: tuple[ConditionMap, ...] = ()  # condition maps every sample brings (data.conditions)
+    cues: bool = False  # HiGen's cues of every clip (data.cues)
 
     def __call__(self, sample: dict, rng: random.Random, bucket: Bucket) -> dict:
         unsafe = _members(sample, UNSAFE_EXTENSIONS)
@@ -91,9 +93,13 @@ class SampleDecoder:
             frames, fps = decode_image(_media(sample, IMAGE_EXTENSIONS))[None], IMAGE_FPS
         video = resize_center_crop(frames, width=bucket.width, height=bucket.height)
         decoded |= {"video": video, "fps": fps}
-        if self.conditions:
+        cues = self.cues and len(frames) > 1  # stills (and 1-frame windows) take the stage's neutral cues
+        if self.conditions or cues:
             pixels = ((video + 1) * 127.5).round_().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        if self.conditions:
             decoded["conditions"] = {c.name: c(sample, pixels, indices, rng) for c in self.conditions}
+        if cues:
+            decoded["cues"] = window_cues(sample, pixels, indices)
         return decoded
 
 
@@ -154,7 +160,8 @@ def _latents(data: bytes) -> dict:
 
 def collate(samples: list[dict], kind: str) -> dict:
     """Decoded samples -> a batch: ``video`` [B,3,F,H,W] (or ``latent`` ...), ``caption``/``key`` lists,
-    ``fps`` int64 [B], ``has_caption`` bool [B], ``kind``."""
+    ``fps`` int64 [B], ``has_caption`` bool [B], ``kind``; condition maps and HiGen cues under their names (a cue
+    only when every sample has it)."""
     batch = {
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
@@ -167,6 +174,9 @@ def collate(samples: list[dict], kind: str) -> dict:
             batch[name] = torch.stack([s[name] for s in samples])
     for name in samples[0].get("conditions", {}):
         batch[name] = torch.stack([s["conditions"][name] for s in samples])
+    for name in samples[0].get("cues", {}):
+        if all(name in s.get("cues", {}) for s in samples):  # else the stage measures it for the whole batch
+            batch[name] = torch.stack([s["cues"][name] for s in samples])
     return batch
 
 
