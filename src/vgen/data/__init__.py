@@ -1,4 +1,5 @@
-"""Video and image data: PyAV/PIL decoding, transforms, WebDataset streams, the datamodule, demo data.
+"""Video and image data: PyAV/PIL decoding, transforms, WebDataset streams, the datamodule, folder inputs
+(DreamVideo), demo data.
 
 The torch/Lightning parts (:class:`VideoDataModule`, the streams, the transforms) load on first use, so
 tools that only render or decode (``data_pipelines/synthetic.py``) start in a fraction of a second.
@@ -12,6 +13,8 @@ from vgen.data.video import VIDEO_EXTENSIONS, Clip, decode_video, encode_video, 
 
 _LAZY = {
     "VideoDataModule": "vgen.data.datamodule",
+    "FolderDataModule": "vgen.data.folder",
+    "FolderDataset": "vgen.data.folder",
     "SourceConfig": "vgen.data.datamodule",
     "resolve_shards": "vgen.data.datamodule",
     "BatchStream": "vgen.data.stream",
@@ -35,6 +38,8 @@ __all__ = [
     "BatchStream",
     "Bucket",
     "Clip",
+    "FolderDataModule",
+    "FolderDataset",
     "SampleDecoder",
     "SampleError",
     "SourceConfig",

@@ -3,7 +3,7 @@
 from vgen.diffusion.build import Diffusion, build_diffusion
 from vgen.diffusion.embedding import sinusoidal_embedding
 from vgen.diffusion.lcm import boundary_scalings, consistency_distillation_loss, lcm_sample, lcm_timesteps
-from vgen.diffusion.loss import diffusion_loss, frame_noise, sample_timesteps, training_noise
+from vgen.diffusion.loss import diffusion_loss, frame_noise, latent_mask, sample_timesteps, training_noise
 from vgen.diffusion.parameterization import PREDICTIONS, Parameterization
 from vgen.diffusion.samplers import (
     ddim_invert,
@@ -42,6 +42,7 @@ __all__ = [
     "diffusion_loss",
     "frame_noise",
     "guided_output",
+    "latent_mask",
     "lcm_sample",
     "lcm_timesteps",
     "logsnr_cosine_interp_sigmas",

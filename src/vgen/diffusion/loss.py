@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from vgen.diffusion.parameterization import Parameterization
 
@@ -91,10 +92,19 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Per-sample loss [B]: mean over non-batch dims of (model(x_t, t) - target)^2.
 
-    ``t`` defaults to :func:`sample_timesteps` (uniform, or shifted by ``timestep_shift``) and ``noise`` to :func:`training_noise` (an explicit ``noise`` gets no
-    offset and no frame correlation). ``weight`` ([B] or broadcastable to x0) scales the squared error; ``loss_mask`` multiplies both
-    output and target (DreamVideo), the mean still being over every element.
+    ``t`` defaults to :func:`sample_timesteps` (uniform, or shifted by ``timestep_shift``) and ``noise`` to
+    :func:`training_noise` (an explicit ``noise`` gets no offset and no frame correlation). ``weight`` ([B] or
+    broadcastable to x0) scales the squared error. ``loss_mask`` (DreamVideo's subject mask, at latent resolution and
+    broadcastable to x0, e.g. [B, 1, F, h, w] from :func:`latent_mask`) multiplies both output and target, the mean
+    still being over every element: what lies outside the mask adds 0, and the denominator is the full count.
     """
+    if loss_mask is not None:
+        try:
+            torch.broadcast_shapes(loss_mask.shape, x0.shape)
+        except RuntimeError:
+            raise ValueError(f"loss_mask {tuple(loss_mask.shape)} does not broadcast to the latents "
+                             f"{tuple(x0.shape)}: give it at latent resolution ([B, 1, F, h, w]; "
+                             "vgen.diffusion.loss.latent_mask downsamples a pixel mask)") from None
     if t is None:
         t = sample_timesteps(x0.shape[0], param.num_timesteps, x0.device, generator, timestep_shift)
     if noise is None:
@@ -108,6 +118,22 @@ def diffusion_loss(
     if weight is not None:
         squared_error = squared_error * _per_sample_view(weight, x0)
     return squared_error.flatten(1).mean(dim=1)
+
+
+def latent_mask(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """A pixel mask [B, 1, F, H, W] (or [B, 1, H, W] for every frame) at the resolution of ``latents``
+    [B, C, F, h, w]: nearest-neighbour (pixel-centre sampling, as PIL's NEAREST that DreamVideo resizes its masks
+    with), values kept (a binary mask stays binary), as ``latents``' dtype and device: the ``loss_mask`` of
+    :func:`diffusion_loss`."""
+    if mask.ndim == 4:
+        mask = mask[:, :, None]
+    if mask.ndim != 5 or mask.shape[1] != 1 or mask.shape[0] not in (1, latents.shape[0]):
+        raise ValueError(f"mask must be [B, 1, F, H, W] or [B, 1, H, W] for latents {tuple(latents.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    if mask.shape[2] not in (1, latents.shape[2]):
+        raise ValueError(f"mask has {mask.shape[2]} frames but the latents {latents.shape[2]}")
+    resized = F.interpolate(mask.float(), size=(mask.shape[2], *latents.shape[-2:]), mode="nearest-exact")
+    return resized.to(device=latents.device, dtype=latents.dtype)
 
 
 def _per_sample_view(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
