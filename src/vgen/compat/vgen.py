@@ -10,7 +10,9 @@ the model with the original forward argument names.
 
 ``UNetSD_LoRA`` (InstructVideo) is the T2V network with :mod:`vgen.models.lora` adapters on q, k, v and out of
 every attention; its adapter keys are spelled ``to_q_lora.down_linear.weight`` in the original and listed after
-the attention's own weights.
+the attention's own weights. ``UNetSD_DreamVideo`` is the T2V network with :mod:`vgen.models.dreamvideo` adapters
+(identity adapters on the spatial transformers, motion adapters on the temporal ones; their keys are the original's)
+and the appearance embedding ``y_image`` and its strength ``ag_strength`` as the conditions the motion adapters read.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from vgen.models.conditions import original_names
+from vgen.models.dreamvideo import IdentityAdapter, MotionAdapter
 from vgen.models.lora import ATTENTION_TARGETS, apply_lora
 from vgen.models.unet3d import UNet3D, UNet3DConfig
 
@@ -56,7 +59,7 @@ _INERT_KWARGS = frozenset({
 })
 
 SUPPORTED_CLASSES = ("UNetSD_T2VBase", "UNetSD_I2VGen", "UNetSD_SR600", "UNetSD_LoRA", "UNetSD_TFT2V",
-                     "UNetSD_VideoLCM", "UNetSD_HiGen")
+                     "UNetSD_VideoLCM", "UNetSD_HiGen", "UNetSD_DreamVideo")
 _COMPOSER_CLASSES = ("UNetSD_TFT2V", "UNetSD_VideoLCM")
 # TF-T2V / VideoLCM compositions -> (condition name, forward argument); summed in the original's forward order.
 _STC_ORDER = (("depthmap", "depth", "depth"), ("local_image", "local_image", "local_image"),
@@ -66,6 +69,12 @@ _COMPOSER_DEFAULTS = {"concat_dim": 8, "hist_dim": 156, "misc_dropout": 0.5, "p_
                       "inpainting": True}
 # UNetSD_LoRA's own constructor arguments (InstructVideo: use_lora true, rank 4, alpha null).
 _LORA_DEFAULTS = {"use_lora": True, "lora_rank": 4, "lora_alpha": None}
+# UNetSD_DreamVideo's own constructor arguments; a position list is indexed by sub-layer (self, cross, ff).
+_DREAMVIDEO_DEFAULTS = {"spatial_adapter_list": [], "spatial_adapter_position_list": ["", "parallel", ""],
+                        "spatial_adapter_hidden_dim": None, "temporal_adapter_list": [],
+                        "temporal_adapter_position_list": ["parallel", "parallel", "parallel"],
+                        "temporal_adapter_condition_dim": None, "temporal_adapter_hidden_dim": None}
+_OWN_DEFAULTS = {"UNetSD_LoRA": _LORA_DEFAULTS, "UNetSD_DreamVideo": _DREAMVIDEO_DEFAULTS}
 
 # Defaults of the original constructors (used when a kwarg is absent).
 _ORIGINAL_DEFAULTS = {
@@ -82,6 +91,7 @@ _FORWARD_ARGS = {
     "UNetSD_VideoLCM": ("y", "image", "histogram", "fps", *(argument for _, _, argument in _STC_ORDER)),
     "UNetSD_T2VBase": ("y", "fps"),
     "UNetSD_LoRA": ("y", "fps"),
+    "UNetSD_DreamVideo": ("y", "y_image", "ag_strength", "fps"),
     "UNetSD_I2VGen": ("y", "image", "local_image", "fps"),
     "UNetSD_SR600": ("y",),
 }
@@ -92,15 +102,17 @@ _INERT_FORWARD_ARGS = {
     "UNetSD_VideoLCM": ("t_w", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_T2VBase": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_LoRA": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
+    "UNetSD_DreamVideo": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_I2VGen": ("masked", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
     "UNetSD_SR600": ("x_lr", "fps", "video_mask", "focus_present_mask", "prob_focus_present", "mask_last_frame_num"),
 }
 
 
-_T2V_CLASSES = ("UNetSD_T2VBase", "UNetSD_LoRA")
+_T2V_CLASSES = ("UNetSD_T2VBase", "UNetSD_LoRA", "UNetSD_DreamVideo")
 # Original forward argument -> the condition it feeds (the VideoComposer classes: their compositions' names).
 _ARGUMENT_CONDITIONS = {"y": "text", "image": "image", "local_image": "first_frame", "fps": "fps",
-                        "spat_prior": "prior", "motion_cond": "motion", "appearance_cond": "appearance"}
+                        "spat_prior": "prior", "motion_cond": "motion", "appearance_cond": "appearance",
+                        "y_image": "appearance", "ag_strength": "appearance_strength"}
 _COMPOSER_ARGUMENTS = {"y": "text", "image": "image", "histogram": "histogram", "fps": "fps",
                        **{argument: name for _, name, argument in _STC_ORDER}}
 
@@ -126,6 +138,10 @@ def _conditions(class_name: str, kw: Mapping) -> dict:
         conditions["motion"] = {"_target_": "vgen.models.conditions.higen.MotionCue", "required": True}
         conditions["appearance"] = {"_target_": "vgen.models.conditions.higen.AppearanceCue", "required": True}
         conditions["prior"] = {"_target_": "vgen.models.conditions.higen.SpatialPrior", "required": True}
+    elif class_name == "UNetSD_DreamVideo" and (width := _motion_condition_dim(kw)):  # the motion adapters read them
+        conditions["appearance"] = {"_target_": "vgen.models.conditions.dreamvideo.AppearanceImage",
+                                    "image_dim": 0 if width == kw["y_dim"] else width}  # 0: the UNet's image_dim
+        conditions["appearance_strength"] = {"_target_": "vgen.models.conditions.dreamvideo.AdapterStrength"}
     if class_name in (*_T2V_CLASSES, *_COMPOSER_CLASSES, "UNetSD_HiGen") and kw["use_fps_condition"]:
         conditions["fps"] = {"_target_": "vgen.models.conditions.ScalarEmbedding",
                              "original_names": {"mlp.": "fps_embedding."}}
@@ -180,12 +196,13 @@ def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> U
     """Translate an original ``cfg.UNet`` kwargs dict for ``class_name`` into a :class:`UNet3DConfig`."""
     if class_name not in SUPPORTED_CLASSES:
         raise ValueError(f"unsupported VGen UNet class {class_name!r}; supported: {list(SUPPORTED_CLASSES)}")
-    known = set(_ORIGINAL_DEFAULTS) | _INERT_KWARGS | (set(_LORA_DEFAULTS) if class_name == "UNetSD_LoRA" else set())
+    own = _OWN_DEFAULTS.get(class_name, {})
+    known = set(_ORIGINAL_DEFAULTS) | _INERT_KWARGS | set(own)
     unknown = sorted(set(constructor_kwargs) - known)
     if unknown:
         log.warning("ignoring constructor kwargs unknown to %s (the original accepts **kwargs): %s", class_name, unknown)
     kw = {**_ORIGINAL_DEFAULTS, **_CLASS_DEFAULTS.get(class_name, {}),
-          **(_COMPOSER_DEFAULTS if class_name in _COMPOSER_CLASSES else {}),
+          **(_COMPOSER_DEFAULTS if class_name in _COMPOSER_CLASSES else {}), **own,
           **{k: v for k, v in constructor_kwargs.items() if k not in _LORA_DEFAULTS}}
     if kw["use_image_dataset"]:
         raise ValueError("use_image_dataset=True (temporal branches multiplied by zero) is not supported: no "
@@ -222,8 +239,52 @@ def build_unet(class_name: str, constructor_kwargs: Mapping) -> UNet3D:
     model = UNet3D(unet_config_from_original(class_name, constructor_kwargs))
     if class_name == "UNetSD_LoRA" and lora["use_lora"]:  # use_lora false: the plain T2V network (VGen's merge base)
         apply_lora(model, lora["lora_rank"], None, ATTENTION_TARGETS)
+    if class_name == "UNetSD_DreamVideo":
+        model.vgen_adapters = dreamvideo_adapters(constructor_kwargs)
+        for adapter in model.vgen_adapters.values():
+            adapter.apply(model)
     model.vgen_original_class = class_name
     return model
+
+
+def _motion_condition_dim(kw: Mapping) -> int | None:
+    return (kw.get("temporal_adapter_condition_dim") or None) if kw.get("temporal_adapter_list") else None
+
+
+def _sublayers(names, positions, kind: str) -> dict[str, str]:
+    """The original's adapter list and per-sub-layer position list -> ``{sub-layer: position}``."""
+    order = ("self_attention", "cross_attention", "feedforward")
+    unknown = sorted(set(names) - set(order))
+    if unknown:
+        raise ValueError(f"UNetSD_DreamVideo: unknown {kind}_adapter_list entries {unknown}; valid: {list(order)}")
+    chosen = {}
+    for index, name in enumerate(order):
+        if name in names:
+            position = positions[index] if index < len(positions) else ""
+            if position not in ("parallel", "serial"):
+                log.warning("UNetSD_DreamVideo: the %s %s adapter has position %r: built (its weights load) but not "
+                            "applied", kind, name, position)
+                position = "none"
+            chosen[name] = position
+    return chosen
+
+
+def dreamvideo_adapters(constructor_kwargs: Mapping) -> dict:
+    """The :mod:`vgen.models.dreamvideo` adapters of ``UNetSD_DreamVideo(**constructor_kwargs)``: ``identity``
+    (spatial) and ``motion`` (temporal), those its adapter lists ask for."""
+    kw = {**_DREAMVIDEO_DEFAULTS, **constructor_kwargs}
+    adapters = {}
+    if kw["spatial_adapter_list"]:
+        adapters["identity"] = IdentityAdapter(
+            _sublayers(kw["spatial_adapter_list"], kw["spatial_adapter_position_list"], "spatial"),
+            hidden_dim=kw["spatial_adapter_hidden_dim"])
+    if kw["temporal_adapter_list"] and kw.get("temporal_attention", True):
+        conditioned = _motion_condition_dim(kw) is not None
+        adapters["motion"] = MotionAdapter(
+            _sublayers(kw["temporal_adapter_list"], kw["temporal_adapter_position_list"], "temporal"),
+            hidden_dim=kw["temporal_adapter_hidden_dim"], condition="appearance" if conditioned else None,
+            strength="appearance_strength" if conditioned else None)
+    return adapters
 
 
 def _prefix_rules(model: nn.Module) -> list[tuple[str, str]]:

@@ -6,6 +6,9 @@ are switched on by config too, not by copying the network.
 Input ``x`` is a latent video ``[B, C, F, H, W]``; ``t`` is ``[B]`` integer timesteps; the conditions come as a
 mapping (or keywords) by name, e.g. ``unet(x, t, {"text": tokens})`` or ``unet(x, t, text=tokens)``. Output has
 the shape of ``x`` with ``out_channels``.
+
+Adapters (:mod:`vgen.models.adapters`) are applied from outside: they add modules, and the values of ``adapter``-kind
+conditions reach the layers that declare ``takes_adapter_inputs`` as ``adapter_inputs={name: value}``.
 """
 
 from __future__ import annotations
@@ -238,9 +241,11 @@ class UNet3D(nn.Module):
                 module.bypass = enabled
 
     def temporal_parameter_names(self) -> list[str]:
-        """Parameters of the temporal convs and temporal transformers of the trunk."""
+        """Parameters of the temporal convs and temporal transformers of the trunk (not of adapters in them)."""
+        added = self._adapter_module_parameter_names()
         return [f"{name}.{p}" for name, mod in self.named_modules()
-                if isinstance(mod, (TemporalTransformer, TemporalConvBlock)) for p, _ in mod.named_parameters()]
+                if isinstance(mod, (TemporalTransformer, TemporalConvBlock)) for p, _ in mod.named_parameters()
+                if f"{name}.{p}" not in added]
 
     def spatial_parameter_names(self) -> list[str]:
         """Parameters of the trunk inherited from Stable Diffusion 2.1 (not temporal, not embeddings/conditions).
@@ -248,9 +253,14 @@ class UNet3D(nn.Module):
         This is exactly the set VGen lists in ``stable_diffusion_image_key_temporal_attention_x1.json`` (682 keys
         at full size), whose gradients the VGen recipe scales by ``grad_scale``.
         """
-        temporal = set(self.temporal_parameter_names())
+        excluded = set(self.temporal_parameter_names()) | self._adapter_module_parameter_names()
         trunk = ("input_blocks.", "middle_block.", "output_blocks.", "out.")
-        return [n for n, _ in self.named_parameters() if n.startswith(trunk) and n not in temporal]
+        return [n for n, _ in self.named_parameters() if n.startswith(trunk) and n not in excluded]
+
+    def _adapter_module_parameter_names(self) -> set[str]:
+        """Parameters of modules that adapters added (marked ``is_adapter_module``)."""
+        return {f"{name}.{p}" for name, mod in self.named_modules() if getattr(mod, "is_adapter_module", False)
+                for p, _ in mod.named_parameters()}
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, conditions: Mapping[str, torch.Tensor] | None = None,
@@ -278,6 +288,7 @@ class UNet3D(nn.Module):
         weight = self.time_embed[0].weight
         emb = self.time_embed(sinusoid_for(t, self.config.model_channels, weight))
         frame_emb, tokens, frame_tokens, concat, features = [], [], [], [], []
+        adapter_inputs: dict[str, torch.Tensor] = {}
         summed = None
         text = None
         for name, cond in self.conditions.items():
@@ -316,6 +327,8 @@ class UNet3D(nn.Module):
                     summed = tensor if summed is None else summed + tensor
                 elif route == "concat":
                     concat.append(tensor.to(x.dtype))
+                elif route == "adapter":
+                    adapter_inputs[name] = tensor.to(x.dtype) if tensor.is_floating_point() else tensor
                 else:
                     features.append(tensor.to(x.dtype))
         if not tokens:
@@ -341,12 +354,12 @@ class UNet3D(nn.Module):
         h = first[0](fold_frames(x))
         for feature in features:  # [B, C, h, w] (every frame) or [B, C, F, h, w]
             h = h + fold_frames(feature.unsqueeze(2).expand(-1, -1, f, -1, -1) if feature.ndim == 4 else feature)
-        h = self._run(first[1:], h, emb, context, f)
+        h = self._run(first[1:], h, emb, context, f, adapter_inputs)
         skips = [h]
         for block in self.input_blocks[1:]:
-            h = self._run(block, h, emb, context, f)
+            h = self._run(block, h, emb, context, f, adapter_inputs)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context, f)
+        h = self._run(self.middle_block, h, emb, context, f, adapter_inputs)
         for i, block in enumerate(self.output_blocks):
             skip = skips.pop()
             if i < len(self.config.skip_filters):
@@ -356,7 +369,7 @@ class UNet3D(nn.Module):
                     f"latent size {tuple(x.shape[-2:])} does not survive the UNet pyramid (decoder {tuple(h.shape[-2:])}"
                     f" vs skip {tuple(skip.shape[-2:])}); use H and W divisible by {2 ** (len(self.config.channel_mult) - 1)}"
                 )
-            h = self._run(block, torch.cat([h, skip], dim=1), emb, context, f)
+            h = self._run(block, torch.cat([h, skip], dim=1), emb, context, f, adapter_inputs)
         return unfold_frames(self.out(h), f)
 
     def _filter_skip(self, h, skip, backbone_scale: float, skip_scale: float):
@@ -364,18 +377,20 @@ class UNet3D(nn.Module):
         h = torch.cat([h[:, :half] * backbone_scale, h[:, half:]], dim=1)
         return h, fourier_filter(skip, self.config.skip_filter_threshold, skip_scale)
 
-    def _run(self, layers, h, emb, context, num_frames):
+    def _run(self, layers, h, emb, context, num_frames, adapter_inputs=None):
         if not isinstance(layers, nn.ModuleList):
             layers = [layers]
         for layer in layers:
+            # passed as an argument (not held in a module) so that checkpointing recomputes with the same values
+            extra = {"adapter_inputs": adapter_inputs or {}} if getattr(layer, "takes_adapter_inputs", False) else {}
             if isinstance(layer, nn.Conv2d):
                 h = layer(h)
             elif self.gradient_checkpointing and torch.is_grad_enabled() and isinstance(
                 layer, (ResBlock, SpatialTransformer, TemporalTransformer)
             ):
-                h = checkpoint(layer, h, emb, context, num_frames, use_reentrant=False)
+                h = checkpoint(layer, h, emb, context, num_frames, use_reentrant=False, **extra)
             else:
-                h = layer(h, emb, context, num_frames)
+                h = layer(h, emb, context, num_frames, **extra)
         return h
 
 

@@ -5,7 +5,9 @@ A condition has
 * a **kind**, the route into the network: ``concat`` (channels concatenated to the noisy latent, or, with
   ``summed``, added into the UNet's shared ``concat_channels`` block as VideoComposer's STC encoders are),
   ``tokens`` (cross-attention tokens, concatenated in config order), ``embedding`` (added to the timestep
-  embedding, per clip [B, D] or per frame [B, F, D]) or ``feature`` (added to the output of the first input conv);
+  embedding, per clip [B, D] or per frame [B, F, D]), ``feature`` (added to the output of the first input conv) or
+  ``adapter`` (handed by name to the adapters applied to the UNet, e.g. DreamVideo's motion adapter; the base
+  network itself never reads it);
 * an **encoding**, ``forward(value, num_frames)``, from its input value to that route;
 * an **extraction**, :meth:`Condition.extract`, from a training batch or the inputs of a sampling call (with the
   frozen encoders of :class:`ConditionInputs`) to its input value;
@@ -29,7 +31,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-KINDS = ("concat", "tokens", "embedding", "feature")
+KINDS = ("concat", "tokens", "embedding", "feature", "adapter")
 # zeros: zero input value | negative_prompt / empty_prompt: that text's embedding | keep: unchanged |
 # drop: the condition's *output* is multiplied by zero (VideoComposer's DropPath; for summed concat = absent)
 NULL_RULES = ("zeros", "negative_prompt", "empty_prompt", "keep", "drop")
@@ -143,7 +145,7 @@ class Condition(nn.Module):
     def forward(self, value: torch.Tensor, num_frames: int) -> torch.Tensor | dict[str, torch.Tensor]:
         """``value`` -> the tensor of its route (a dict route -> tensor for several routes):
         concat [B, C, F, h, w], tokens [B, N, context_dim], embedding [B, embed_dim] or [B, F, embed_dim],
-        feature [B, model_channels, h, w] or [B, model_channels, F, h, w]."""
+        feature [B, model_channels, h, w] or [B, model_channels, F, h, w], adapter: what its adapters read."""
         raise NotImplementedError
 
     @property
