@@ -1,7 +1,8 @@
 """Write the synthetic demo shards: moving-shape clips (video2dataset layout) and stills (img2dataset layout).
 
     python data_pipelines/synthetic.py --out data/demo [--videos 512] [--images 256] [--shard-size 64]
-        [--frames 16] [--size 64] [--fps 8] [--seed 0] [--shard-range A:B]
+        [--frames 16] [--size 64] [--fps 8] [--seed 0] [--shard-range A:B] [--paths random|edge|fixed]
+        [--travel 0.05:0.75]
 
 writes ``videos-000000.tar`` ... (``<key>.mp4`` H.264, ``<key>.txt`` caption, ``<key>.json`` metadata),
 ``images-000000.tar`` ... (``<key>.jpg``, ``<key>.txt``, ``<key>.json``) and ``manifest.json`` (counts, shard
@@ -33,6 +34,7 @@ from vgen.data.synthetic import (  # noqa: F401  (re-exported for benchmarks and
     PATHS,
     RADIUS_RANGE,
     TRAINING_COMBOS,
+    TRAVEL_RANGE,
     caption,
     centroid_track,
     render_clip,
@@ -60,14 +62,25 @@ def write_shards(
     seed: int = 0,
     shard_range: tuple[int, int] | None = None,
     paths: str = "random",
+    travel: tuple[float, float] | None = None,
 ) -> list[Path]:
     """Write the shards in ``shard_range`` ([start, stop) shard indices, default all) and the manifest.
 
     Shards that already exist are complete (they appear only by rename) and are skipped.
+    ``travel``: the range of the distance a clip's shape covers, as fractions of the frame size (``random`` paths;
+    default :data:`TRAVEL_RANGE`), e.g. (0.05, 0.75) for speeds from nearly still to fast (the HiGen toy).
     Returns the shard paths written by this call.
     """
     if paths not in PATHS:
         raise ValueError(f"--paths must be one of {PATHS}, got {paths!r}")
+    if travel is not None:
+        travel = (float(travel[0]), float(travel[1]))
+        if not 0.0 <= travel[0] <= travel[1] <= 1.0:
+            raise ValueError(f"--travel must be A:B with 0 <= A <= B <= 1 (fractions of the frame size), got {travel}")
+        if paths != "random":
+            raise ValueError(f"--travel needs --paths random (edge and fixed paths cross the whole frame), got {paths!r}")
+        if travel == TRAVEL_RANGE:
+            travel = None
     if size < 16 or size % 2 or frames < 1 or shard_size < 1 or videos < 0 or images < 0 or fps < 1:
         raise ValueError(
             f"need an even size >= 16 and positive frames, shard_size, fps; non-negative counts "
@@ -77,7 +90,7 @@ def write_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"videos": videos, "images": images}
-    _check_existing(out, _manifest(counts, shard_size, frames, size, fps, seed, paths))
+    _check_existing(out, _manifest(counts, shard_size, frames, size, fps, seed, paths, travel))
     written = []
     for kind, count in counts.items():
         for shard in range(*_clip_range(shard_range, _num_shards(count, shard_size))):
@@ -86,17 +99,17 @@ def write_shards(
                 continue
             indices = range(shard * shard_size, min((shard + 1) * shard_size, count))
             if kind == "videos":
-                samples = [_video_sample(i, seed, frames, size, fps, paths) for i in indices]
+                samples = [_video_sample(i, seed, frames, size, fps, paths, travel) for i in indices]
             else:
                 samples = [_image_sample(i, seed, size) for i in indices]
             _atomic_write(path, _tar_bytes(samples))
             written.append(path)
-    manifest = _manifest(counts, shard_size, frames, size, fps, seed, paths)
+    manifest = _manifest(counts, shard_size, frames, size, fps, seed, paths, travel)
     _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode() + b"\n")
     return written
 
 
-GENERATION_SETTINGS = ("seed", "paths", "frames", "size", "fps", "shard_size", "counts")
+GENERATION_SETTINGS = ("seed", "paths", "frames", "size", "fps", "shard_size", "counts", "travel")
 
 
 def _check_existing(out: Path, wanted: dict) -> None:
@@ -109,8 +122,8 @@ def _check_existing(out: Path, wanted: dict) -> None:
         existing = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path} is unreadable ({error}); delete {out} or choose another --out") from None
-    differ = [f"{key}: {existing.get(key)!r} there, {wanted[key]!r} asked" for key in GENERATION_SETTINGS
-              if existing.get(key) != wanted[key]]
+    differ = [f"{key}: {existing.get(key)!r} there, {wanted.get(key)!r} asked" for key in GENERATION_SETTINGS
+              if existing.get(key) != wanted.get(key)]
     if differ:
         raise ValueError(f"{out} already holds shards written with other settings ({'; '.join(differ)}); "
                          f"delete it or choose another --out")
@@ -131,9 +144,10 @@ def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, KIND_STREAMS[kind], index])
 
 
-def _video_sample(index: int, seed: int, frames: int, size: int, fps: int, paths: str) -> dict[str, bytes]:
+def _video_sample(index: int, seed: int, frames: int, size: int, fps: int, paths: str,
+                  travel: tuple[float, float] | None = None) -> dict[str, bytes]:
     color, shape, direction = TRAINING_COMBOS[index % len(TRAINING_COMBOS)]
-    motion = sample_motion(direction, frames, size, _rng(seed, "videos", index), paths)
+    motion = sample_motion(direction, frames, size, _rng(seed, "videos", index), paths, travel or TRAVEL_RANGE)
     text = caption(color, shape, direction)
     meta = {
         "key": f"{index:08d}",
@@ -202,12 +216,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _manifest(
-    counts: dict[str, int], shard_size: int, frames: int, size: int, fps: int, seed: int, paths: str
+    counts: dict[str, int], shard_size: int, frames: int, size: int, fps: int, seed: int, paths: str,
+    travel: tuple[float, float] | None = None,
 ) -> dict:
+    extra = {} if travel is None else {"travel": list(travel)}  # only when not the default: same demo bytes
     return {
         "generator": "data_pipelines/synthetic.py",
         "seed": seed,
         "paths": paths,
+        **extra,
         "frames": frames,
         "size": size,
         "fps": fps,
@@ -233,6 +250,17 @@ def _parse_range(text: str) -> tuple[int, int]:
     return int(start), int(stop)
 
 
+def _parse_fractions(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition(":")
+    try:
+        values = (float(low), float(high)) if sep else None
+    except ValueError:
+        values = None
+    if values is None or not 0.0 <= values[0] <= values[1] <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected A:B with 0 <= A <= B <= 1, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -247,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paths", choices=PATHS, default="random",
                         help="random: random start and distance; edge: edge to edge along the motion, random across; "
                              "fixed: edge to edge through the centre (one path per direction)")
+    parser.add_argument("--travel", type=_parse_fractions, metavar="A:B",
+                        help="random paths: the distance covered over a clip, fractions of the frame size "
+                             f"(default {TRAVEL_RANGE[0]}:{TRAVEL_RANGE[1]}; e.g. 0.05:0.75 for many speeds)")
     args = parser.parse_args(argv)
     try:
         written = write_shards(**vars(args))  # the option names are write_shards' parameter names

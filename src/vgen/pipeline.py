@@ -311,34 +311,57 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         kinds = {type(c).__name__ for c in self.unet.conditions.values()}
         return {"SpatialPrior", "MotionCue", "AppearanceCue"} <= kinds
 
-    @torch.no_grad()
-    def higen(self, prompts: str | Sequence[str], *, motion_factor: float = 500, appearance_factor: float = 1.0,
-              num_frames: int | None = None, seed: int = 0, **kwargs) -> torch.Tensor:
-        """HiGen's two passes: a key frame (one frame, neutral cues: zero prior, motion 0, appearance all ones), then
-        the video conditioned on it (the key frame's latent as spatial prior, ``motion_factor`` for every
-        adjacent-frame pair, appearance ``1 - appearance_factor |k - j| / (F - 1)``). Other arguments as
-        :meth:`__call__` -> videos [B, 3, F, H, W]."""
-        from vgen.data.conditions.cues import appearance_schedule
-
+    def _higen_names(self) -> tuple[str, str, str]:
         if not self.hierarchical:
             raise PipelineError("higen sampling needs a HiGen model (spatial prior, motion and appearance cues)")
         names = {type(c).__name__: n for n, c in self.unet.conditions.items()}
-        prior, motion, appearance = names["SpatialPrior"], names["MotionCue"], names["AppearanceCue"]
+        return names["SpatialPrior"], names["MotionCue"], names["AppearanceCue"]
+
+    @torch.no_grad()
+    def key_frame(self, prompts: str | Sequence[str], *, seed: int = 0, **kwargs) -> torch.Tensor:
+        """HiGen's first pass: one frame per prompt with the neutral cues (zero prior, motion 0, appearance all
+        ones) -> key-frame latents [B, C, 1, h, w] (decode with ``pipe.vae.decode``). Other arguments as
+        :meth:`sample`."""
+        from vgen.data.conditions.cues import appearance_schedule
+
+        prior, motion, appearance = self._higen_names()
+        width = self.unet.conditions[appearance].max_frames
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        b, device = len(prompts), self.device
+        height, width_px = kwargs.get("height") or self.defaults["height"], kwargs.get("width") or self.defaults["width"]
+        ds = getattr(self.vae, "downsample", 1)
+        extra = kwargs.pop("conditions", None) or {}
+        neutral = {motion: torch.zeros(b, dtype=torch.long, device=device),
+                   appearance: appearance_schedule(1, max_frames=width).to(device).expand(b, 1, -1),
+                   prior: torch.zeros(b, self.vae.latent_channels, height // ds, width_px // ds, device=device)}
+        kwargs.pop("num_frames", None)
+        return self.sample(prompts, num_frames=1, seed=seed, conditions={**extra, **neutral}, output="latent",
+                           **kwargs)
+
+    @torch.no_grad()
+    def higen(self, prompts: str | Sequence[str], *, motion_factor: float = 500, appearance_factor: float = 1.0,
+              num_frames: int | None = None, seed: int = 0, key: torch.Tensor | None = None,
+              **kwargs) -> torch.Tensor:
+        """HiGen's two passes: a key frame (:meth:`key_frame`; or ``key``, latents [B, C, 1, h, w] or
+        [B, C, h, w] from it), then the video conditioned on it (the key frame's latent as spatial prior,
+        ``motion_factor`` for every adjacent-frame pair, appearance ``1 - appearance_factor |k - j| / (F - 1)``).
+        Other arguments as :meth:`sample` -> videos [B, 3, F, H, W]."""
+        from vgen.data.conditions.cues import appearance_schedule
+
+        prior, motion, appearance = self._higen_names()
         width = self.unet.conditions[appearance].max_frames
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         b, frames = len(prompts), num_frames or self.defaults["num_frames"]
         if not 1 <= frames <= width:
             raise PipelineError(f"num_frames must be in [1, {width}] (the appearance cue's width), got {frames}")
         device = self.device
-        neutral = {motion: torch.zeros(b, dtype=torch.long, device=device),
-                   appearance: appearance_schedule(1, max_frames=width).to(device).expand(b, 1, -1)}
-        height, width_px = kwargs.get("height") or self.defaults["height"], kwargs.get("width") or self.defaults["width"]
-        ds = getattr(self.vae, "downsample", 1)
-        neutral[prior] = torch.zeros(b, self.vae.latent_channels, height // ds, width_px // ds, device=device)
         extra = kwargs.pop("conditions", None) or {}
-        key = self.sample(prompts, num_frames=1, seed=seed, conditions={**extra, **neutral}, output="latent",
-                          **kwargs)
-        cues = {prior: key[:, :, 0],
+        if key is None:
+            key = self.key_frame(prompts, seed=seed, conditions=extra, **kwargs)
+        key = key[:, :, 0] if key.ndim == 5 else key
+        if key.ndim != 4 or key.shape[0] != b:
+            raise PipelineError(f"key must be key-frame latents [B={b}, C, 1, h, w], got {tuple(key.shape)}")
+        cues = {prior: key.to(device),
                 motion: torch.full((b, max(frames - 1, 1)), round(motion_factor), dtype=torch.long, device=device)
                 if frames > 1 else torch.zeros(b, dtype=torch.long, device=device),
                 appearance: appearance_schedule(frames, appearance_factor, width).to(device).expand(b, -1, -1)}

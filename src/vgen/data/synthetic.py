@@ -61,20 +61,22 @@ def caption(color: str, shape: str, direction: str | None = None) -> str:
 
 
 def sample_motion(
-    direction: str, frames: int, size: int, rng: np.random.Generator, paths: str = "random"
+    direction: str, frames: int, size: int, rng: np.random.Generator, paths: str = "random",
+    travel_range: tuple[float, float] = TRAVEL_RANGE,
 ) -> Motion:
     """A random radius, speed and start such that the shape stays whole inside the frame throughout.
 
     ``paths``: ``"random"`` draws the distance travelled from :data:`TRAVEL_RANGE` and the start along and
     across the motion; ``"edge"`` travels the whole span, edge to edge (the start along the motion is fixed by the
     direction), across still random; ``"fixed"`` also centres it across, so a direction has one path. The same
-    random draws are made in every mode.
+    random draws are made in every mode. ``travel_range`` (fractions of the frame size, ``"random"`` paths only)
+    widens the speeds drawn, e.g. (0.05, 0.75) for clips from nearly still to fast.
     """
     if paths not in PATHS:
         raise ValueError(f"paths must be one of {PATHS}, got {paths!r}")
     radius = rng.uniform(*RADIUS_RANGE) * size
     low, high = EXTENT * radius, size - EXTENT * radius
-    travel = min(rng.uniform(*TRAVEL_RANGE) * size, high - low) if frames > 1 else 0.0
+    travel = min(rng.uniform(*travel_range) * size, high - low) if frames > 1 else 0.0
     if paths != "random" and frames > 1:
         travel = high - low
     dx, dy = DIRECTIONS[direction]
