@@ -113,6 +113,7 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         self.defaults = {"num_frames": 8, "height": 32, "width": 32, "fps": 8, **(defaults or {})}
         self.data_conditions = dict(data_conditions or {})  # the run's data.conditions: how its maps were made
         self._prompt_cache = None
+        self.base_weights: dict | None = None  # the base weights file adapter-only weights were loaded over
 
     @property
     def device(self) -> torch.device:
@@ -145,11 +146,14 @@ class VideoPipeline(FrozenEncoding, nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], weights: str | Path | Mapping[str, torch.Tensor] | None = None,
-                    *, format: str = "auto", base_weights: Mapping[str, Any] | None = None) -> VideoPipeline:
+                    *, format: str = "auto", base_weights: Mapping[str, Any] | None = None,
+                    placeholder: Mapping[str, Any] | None = None) -> VideoPipeline:
         """A pipeline from a resolved run config (``model``, ``diffusion``, ``stage``, ``data``) and UNet weights:
         a state dict (vgen keys: the whole UNet, or only its adapters when ``base_weights`` names the base), or a
         released weights file (any format of :func:`vgen.checkpoint.original.init_unet`). The frozen encoders load
-        their own weights files, named in the config."""
+        their own weights files, named in the config. ``placeholder`` (a DreamVideo checkpoint's learned token:
+        ``token``, ``init_word``, ``embedding``) goes into the text encoder; without it, ``stage.placeholder`` of the
+        config is followed (its ``path``)."""
         from hydra.utils import instantiate
 
         from vgen.checkpoint.original import init_unet
@@ -179,13 +183,16 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         defaults = {"num_frames": data.get("num_frames", 8), "height": height, "width": width,
                     "fps": data.get("sample_fps", 8)}
         lcm = DistillOptions(**distill) if distill is not None else None
-        return cls(unet.eval(), instantiate(config["diffusion"]), instantiate(model["vae"]),
-                   instantiate(model["text_encoder"]),
+        text_encoder = instantiate(model["text_encoder"])
+        _add_placeholder(text_encoder, placeholder, stage.get("placeholder") or {})
+        pipe = cls(unet.eval(), instantiate(config["diffusion"]), instantiate(model["vae"]), text_encoder,
                    instantiate(model["image_encoder"]) if model.get("image_encoder") else None,
                    negative_prompt=(stage.get("conditioning") or {}).get("negative_prompt"), adapters=adapters,
                    sampler="lcm" if lcm is not None else "ddim", lcm=lcm,
                    noise_levels=stage.get("noise_levels"), defaults=defaults,
                    data_conditions=data.get("conditions"))
+        pipe.base_weights = dict(base) if base is not None else None
+        return pipe
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, ema: bool | None = None) -> VideoPipeline:
@@ -209,7 +216,55 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         if base is not None and not Path(base["path"]).exists():
             raise PipelineError(f"{checkpoint} holds adapters only; their base weights {base['path']} (stage.init.path "
                                 "of the run) are missing")
-        return cls.from_config(config, weights, base_weights=base)
+        return cls.from_config(config, weights, base_weights=base, placeholder=meta.get("placeholder"))
+
+    def add_adapters(self, checkpoint: str | Path) -> list[str]:
+        """Compose: apply the adapters of another adapter-only checkpoint to this pipeline's UNet, with their
+        weights, and its learned placeholder (e.g. a DreamVideo subject checkpoint onto a motion pipeline; both
+        over the same base weights). Returns the names of the adapters added."""
+        from hydra.utils import instantiate
+
+        from vgen.checkpoint.export import load_unet_weights
+        from vgen.models.adapters import load_adapter_state
+
+        weights, meta = load_unet_weights(checkpoint, ema=False)
+        specs = ((meta.get("vgen_config") or {}).get("stage") or {}).get("adapters") or {}
+        placeholder = meta.get("placeholder")
+        if not specs and placeholder is None:
+            raise PipelineError(f"{checkpoint} holds neither adapters nor a learned placeholder: nothing to compose")
+        base, own = meta.get("base_weights"), getattr(self, "base_weights", None)
+        if base is None and specs:
+            raise PipelineError(f"{checkpoint} holds a whole UNet, not adapters over named base weights: "
+                                "sample from it alone")
+        if base is not None and own is not None and Path(base["path"]).resolve() != Path(own["path"]).resolve():
+            log.warning("%s was trained over %s, this pipeline's base is %s: composing anyway", checkpoint,
+                        base["path"], own["path"])
+        added = []
+        for name, spec in specs.items():
+            if name in self.adapters:
+                raise PipelineError(f"{checkpoint}: an adapter named {name!r} is already applied")
+            adapter = instantiate(spec)
+            try:
+                adapter.apply(self.unet)
+            except ValueError as err:
+                raise PipelineError(f"{checkpoint}: adapter {name!r}: {err}") from None
+            names = set(adapter.parameter_names(self.unet))
+            try:
+                load_adapter_state(self.unet, adapter, {k: v for k, v in weights.items() if k in names},
+                                   str(checkpoint))
+            except KeyError as err:
+                raise PipelineError(str(err.args[0])) from None
+            self.adapters[name] = adapter
+            added.append(name)
+        if placeholder is not None:
+            current = getattr(self.text_encoder, "placeholder", None)
+            if current is not None and current.token != placeholder["token"]:
+                raise PipelineError(f"{checkpoint} learned the placeholder {placeholder['token']!r}, this pipeline "
+                                    f"already has {current.token!r}: one placeholder at a time")
+            _add_placeholder(self.text_encoder, placeholder, {})
+            self._prompt_cache = None
+        self.unet.eval()
+        return added
 
     # ------------------------------------------------------------------ sampling
     def __call__(self, prompts: str | Sequence[str], **kwargs) -> torch.Tensor:
@@ -239,6 +294,9 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         sampler: str | None = None,
         eta: float | None = None,
         conditions: Mapping[str, torch.Tensor] | None = None,
+        uncond_conditions: Mapping[str, torch.Tensor] | None = None,
+        start_video: torch.Tensor | None = None,
+        inversion_strength: float = 0.0,
         output: str = "video",
     ) -> torch.Tensor:
         """Videos [B, 3, F, H, W] in [-1, 1] for ``prompts``.
@@ -247,7 +305,10 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         condition values by name directly (e.g. a TF-T2V image embedding, or a condition of your own); ``fps``
         is the fps condition of fps-conditioned models. Defaults come from the training run; ``sampler`` is
         ``ddim`` (classifier-free guidance against each condition's null) or ``lcm`` (distilled models).
-        ``output="latent"`` returns the sampled latents undecoded.
+        ``uncond_conditions`` replaces values in the unconditional branch only (e.g. DreamVideo's own appearance
+        strength there). ``start_video`` ([B, 3, F, H, W] in [-1, 1]) with ``inversion_strength`` s in (0, 1]:
+        the start noise is ``sqrt(s) x`` its DDIM inversion (unconditional branch) ``+ sqrt(1 - s) x`` fresh noise
+        (DreamVideo's ``inverse_noise_strength``). ``output="latent"`` returns the sampled latents undecoded.
         """
         if output not in ("video", "latent"):
             raise PipelineError(f"output must be video or latent, got {output!r}")
@@ -291,12 +352,18 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         except ConditionError as err:
             raise PipelineError(str(err)) from None
         cond, uncond = guidance_pair(self.unet.conditions, values, encoders)
+        for name, value in (uncond_conditions or {}).items():
+            if name not in self.unet.conditions:
+                raise PipelineError(f"unknown condition {name!r}; this model's conditions: {list(self.unet.conditions)}")
+            uncond[name] = torch.as_tensor(value, device=device)
         generator = torch.Generator(device=device).manual_seed(seed)
         shape = (b, self.vae.latent_channels, num_frames, height // ds, width // ds)
         noise = self.diffusion.noise(shape, generator=generator, device=device)
         was_training = self.unet.training
         self.unet.eval()
         try:
+            if inversion_strength:
+                noise = self._inverted_start(start_video, noise, uncond, inversion_strength, steps)
             out = SAMPLERS[sampler](self, noise, cond, uncond, steps=steps, guidance=guidance, generator=generator,
                                     seed=seed, eta=eta)
         except ConditionError as err:
@@ -304,6 +371,27 @@ class VideoPipeline(FrozenEncoding, nn.Module):
         finally:
             self.unet.train(was_training)
         return out if output == "latent" else self.vae.decode(out).clamp(-1, 1)
+
+    def _inverted_start(self, video: torch.Tensor | None, noise: torch.Tensor, uncond: dict, strength: float,
+                        steps: int | None) -> torch.Tensor:
+        if video is None:
+            raise PipelineError("inversion_strength needs start_video (the clip whose DDIM inversion starts sampling)")
+        if not 0.0 < strength <= 1.0:
+            raise PipelineError(f"inversion_strength must be in (0, 1], got {strength}")
+        b, _, f, h, w = noise.shape
+        ds = getattr(self.vae, "downsample", 1)
+        if video.ndim != 5 or video.shape[0] not in (1, b) or video.shape[1] != 3 or video.shape[2] != f:
+            raise PipelineError(f"start_video must be [1 or B={b}, 3, F={f}, H, W] in [-1, 1], got "
+                                f"{tuple(video.shape)}")
+        video = video.to(noise.device, torch.float32).expand(b, -1, -1, -1, -1)
+        if video.shape[-2:] != (h * ds, w * ds):
+            folded = F.interpolate(video.transpose(1, 2).flatten(0, 1), size=(h * ds, w * ds), mode="bilinear",
+                                   antialias=True, align_corners=False)
+            video = folded.reshape(b, f, 3, h * ds, w * ds).transpose(1, 2)
+        latents = self.vae.encode(video.clamp(-1, 1))
+        inverted = ddim_invert(self.unet, latents, self.diffusion.param, steps or self.diffusion.ddim_steps,
+                               model_kwargs=uncond)
+        return strength ** 0.5 * inverted.to(noise.dtype) + (1 - strength) ** 0.5 * noise
 
     @property
     def hierarchical(self) -> bool:
@@ -469,6 +557,31 @@ class VideoPipeline(FrozenEncoding, nn.Module):
                 raise PipelineError(f"save writes one video; got a batch of {video.shape[0]}")
             video = video[0]
         return write_mp4(upscale_frames(to_uint8_frames(video), upscale), path, fps=fps)
+
+
+def _add_placeholder(text_encoder: nn.Module, saved: Mapping[str, Any] | None, options: Mapping[str, Any]) -> None:
+    """A DreamVideo placeholder into ``text_encoder`` (frozen): the ``saved`` one of a checkpoint, else the one
+    ``stage.placeholder`` names (its ``path``; no path: the initializer word's embedding)."""
+    if saved is None and not options.get("token"):
+        return
+    if not hasattr(text_encoder, "add_placeholder"):
+        raise PipelineError(f"a learned placeholder needs an OpenCLIP text encoder, got {type(text_encoder).__name__}")
+    if saved is not None:
+        embedding = saved.get("embedding")
+        if not isinstance(embedding, torch.Tensor) or tuple(embedding.shape) != (text_encoder.dim,):
+            raise PipelineError(f"the checkpoint's placeholder embedding does not fit the text encoder (width "
+                                f"{text_encoder.dim})")
+        token, init_word = str(saved["token"]), str(saved.get("init_word", ""))
+    elif options.get("path"):
+        from vgen.stages.dreamvideo import read_placeholder_source
+
+        try:
+            token, init_word, embedding = read_placeholder_source(options["path"], text_encoder.dim)
+        except (ValueError, FileNotFoundError) as err:
+            raise PipelineError(f"stage.placeholder.path: {err}") from None
+    else:
+        token, init_word, embedding = options["token"], options.get("init_word", "dog"), None
+    text_encoder.add_placeholder(token, init_word or "dog", embedding).requires_grad_(False)
 
 
 def _apply(unet: nn.Module, adapters: Mapping[str, Adapter]) -> None:

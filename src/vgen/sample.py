@@ -5,10 +5,14 @@
         [sampler=ddim|lcm] [negative_prompt="..."] [upscale=1] [overwrite=false] [condition.<name>=<value>] \
         [condition_video=<mp4> conditions=[depthmap,motion]] [motion_factor=500 appearance_factor=1.0] \
         [refiner=<ckpt> refine_height=720 refine_width=1280 ...] out=<file.mp4>
+    python -m vgen.sample motion=<motion ckpt> subject=<step-2 ckpt> prompt="a * turning" \
+        appearance_image=<png> [appearance_strength=1.0 appearance_strength_uncond=1.0] \
+        [start_video=<mp4> inversion_strength=0.5] out=<file.mp4>        (DreamVideo)
 
 The checkpoint is read by :class:`vgen.pipeline.VideoPipeline` (no training stage is built): size, frames, fps,
 steps and guidance default to the training run's (the VGen recipes: 50 DDIM steps, guidance 9); a reward
-fine-tuning checkpoint brings its adapters onto the base weights it names; a distilled one samples with LCM.
+fine-tuning checkpoint brings its adapters onto the base weights it names; a distilled one samples with LCM;
+DreamVideo composes a motion checkpoint with subject checkpoints (their adapters and the learned word).
 ``refiner=`` runs the result through a refinement-model checkpoint (``experiment=i2vgen_refine``). Every bad
 argument ends with one line on stderr naming it and a non-zero exit; an existing ``out`` file is never replaced
 unless ``overwrite=true``.
@@ -50,8 +54,15 @@ OPTIONS = {
     "motion_factor": "HiGen: motion intensity of every adjacent-frame pair (default 500, typical motion)",
     "appearance_factor": "HiGen: appearance change over the clip, 0 (none) to 1 (default)",
     "conditions": "which maps of condition_video, by name or kind, e.g. [depthmap,motion] (default: the run's)",
+    "subject": "DreamVideo: subject checkpoint(s), comma-separated (step 2; or step 1 for the learned word alone)",
+    "motion": "DreamVideo: motion-adapter checkpoint (experiment=dreamvideo_motion); the base the others compose on",
+    "appearance_image": "DreamVideo motion: appearance reference image (png/jpg) for the motion adapters' guidance",
+    "appearance_strength": "DreamVideo motion: strength of the appearance guidance in the conditional branch (default 1)",
+    "appearance_strength_uncond": "DreamVideo motion: its strength in the unconditional branch (default: appearance_strength)",
+    "start_video": "clip (mp4) whose DDIM inversion starts sampling, mixed by inversion_strength",
+    "inversion_strength": "share of the start noise taken from start_video's DDIM inversion, in (0, 1] (default 0: off)",
 }
-REQUIRED = ("checkpoint", "prompt", "out")
+REQUIRED = ("prompt", "out")  # and checkpoint, unless DreamVideo's subject= / motion= name the checkpoints
 MAX_SIZE = 8192  # pixels per side
 MAX_FRAMES = 4096
 
@@ -70,6 +81,8 @@ def parse_args(argv: list[str]) -> dict[str, str]:
             raise UsageError(f"unknown key {key!r}; valid keys: {', '.join(OPTIONS)}")
         args[key] = value
     missing = [k for k in REQUIRED if k not in args]
+    if not any(k in args for k in ("checkpoint", "subject", "motion")):
+        missing.insert(0, "checkpoint")
     if missing:
         raise UsageError(f"missing required {', '.join(missing)}; usage: python -m vgen.sample "
                          "checkpoint=<ckpt> prompt=\"...\" out=<file.mp4> [key=value ...]")
@@ -166,7 +179,8 @@ def sample(args: dict[str, str]) -> Path:
     seed = _int(args, "seed", 0, 2**63 - 1, default=0)
     guidance = _float(args, "guidance", 0.0, 1e4)
     ema = _bool(args, "ema")
-    pipe = load_pipeline(args["checkpoint"], ema)
+    pipe = load_dreamvideo(args, ema) if ("subject" in args or "motion" in args) else load_pipeline(
+        args["checkpoint"], ema)
     sampler = args.get("sampler", pipe.sampler)
     if sampler not in pipe.samplers:
         raise UsageError(f"sampler={sampler}: not available for this checkpoint; valid choices: "
@@ -193,6 +207,17 @@ def sample(args: dict[str, str]) -> Path:
                 raise UsageError(f"{key}={args[key]}: only HiGen checkpoints (model/unet=higen) take it")
             higen[key] = value
     conditions = condition_values(args, pipe)
+    uncond, dreamvideo = appearance_values(args, pipe, height, width, conditions), {}
+    if uncond:
+        dreamvideo["uncond_conditions"] = uncond
+    strength = _float(args, "inversion_strength", 0.0, 1.0)
+    if strength:
+        if "start_video" not in args:
+            raise UsageError(f"inversion_strength={args['inversion_strength']}: give start_video=<mp4> to invert")
+        dreamvideo.update(start_video=read_video(args["start_video"], num_frames or pipe.defaults["num_frames"],
+                                                 height, width, fps), inversion_strength=strength)
+    elif "start_video" in args:
+        raise UsageError("start_video= needs inversion_strength= in (0, 1]")
     if "condition_video" in args:
         conditions.update(reference_maps(args, pipe, height, width, seed))
     elif "conditions" in args:
@@ -200,12 +225,82 @@ def sample(args: dict[str, str]) -> Path:
     try:
         video = pipe([args["prompt"]], num_frames=num_frames, height=height, width=width, steps=steps,
                      guidance=guidance, seed=seed, negative_prompt=args.get("negative_prompt"), images=images,
-                     fps=fps, sampler=sampler, conditions=conditions, **higen)
+                     fps=fps, sampler=sampler, conditions=conditions, **higen, **dreamvideo)
         if "refiner" in args:
             video = refine(video, args, ema)
     except PipelineError as err:
         raise UsageError(str(err)) from None
     return pipe.save(video, out, fps=fps, upscale=upscale)
+
+
+def load_dreamvideo(args: dict[str, str], ema: bool | None):
+    """DreamVideo composition: the motion checkpoint (else ``checkpoint``, else the first subject checkpoint) is
+    the pipeline; the subject checkpoints' adapters and learned word are added onto it."""
+    from vgen.checkpoint.safe_load import CheckpointError
+    from vgen.pipeline import PipelineError
+
+    subjects = [p.strip() for p in args.get("subject", "").split(",") if p.strip()]
+    if "subject" in args and not subjects:
+        raise UsageError("subject=: expected one or more checkpoints, comma-separated")
+    main_key = "motion" if "motion" in args else "checkpoint" if "checkpoint" in args else "subject"
+    main = args[main_key] if main_key != "subject" else subjects.pop(0)
+    pipe = load_pipeline(main, ema, key=main_key)
+    for path in subjects:
+        if not Path(path).exists():
+            raise UsageError(f"subject={path}: no such file or directory")
+        try:
+            pipe.add_adapters(path)
+        except (PipelineError, CheckpointError, KeyError, ValueError) as err:
+            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            raise UsageError(f"subject={path}: {message}") from None
+    return pipe
+
+
+def appearance_values(args: dict[str, str], pipe, height: int, width: int,
+                      conditions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DreamVideo's appearance guidance: the reference image's embedding and the strengths into ``conditions``;
+    returns the unconditional branch's own values (its strength)."""
+    keys = [k for k in ("appearance_image", "appearance_strength", "appearance_strength_uncond") if k in args]
+    if not keys:
+        return {}
+    kinds = {type(c).__name__: n for n, c in pipe.unet.conditions.items()}
+    if "AppearanceImage" not in kinds:
+        raise UsageError(f"{keys[0]}={args[keys[0]]}: this checkpoint has no appearance guidance (a DreamVideo motion "
+                         "checkpoint has)")
+    strength = _float(args, "appearance_strength", 0.0, 100.0)
+    uncond_strength = _float(args, "appearance_strength_uncond", 0.0, 100.0)
+    if "appearance_image" in args:
+        image = load_image(args["appearance_image"], height, width).to(pipe.device)
+        with torch.no_grad():
+            conditions[kinds["AppearanceImage"]] = pipe.image_encoder(image).reshape(1, 1, -1)
+    uncond = {}
+    if "AdapterStrength" in kinds:
+        name = kinds["AdapterStrength"]
+        if strength is not None:
+            conditions[name] = torch.tensor([strength])
+        if uncond_strength is not None:
+            uncond[name] = torch.tensor([uncond_strength])
+        elif strength is not None:
+            uncond[name] = torch.tensor([strength])
+    elif strength is not None or uncond_strength is not None:
+        raise UsageError("appearance_strength: this checkpoint's appearance guidance has no strength input")
+    return uncond
+
+
+def read_video(path: str, num_frames: int, height: int, width: int, fps: int) -> torch.Tensor:
+    """The first ``num_frames`` frames of an mp4 at ``fps`` -> [1, 3, F, height, width] in [-1, 1]."""
+    from vgen.data.errors import SampleError
+    from vgen.data.transforms import resize_center_crop
+    from vgen.data.video import decode_video
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"start_video={path}: no such file")
+    try:
+        clip = decode_video(file.read_bytes(), num_frames, fps, start="first")
+    except (SampleError, ValueError, OSError) as err:
+        raise UsageError(f"start_video={path}: {' '.join(str(err).split())}") from None
+    return resize_center_crop(clip.frames, width, height)[None]
 
 
 def condition_values(args: dict[str, str], pipe) -> dict[str, torch.Tensor]:

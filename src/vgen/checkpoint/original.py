@@ -31,7 +31,7 @@ from vgen.models.unet3d import UNet3D, UNet3DConfig
 
 log = logging.getLogger(__name__)
 LDM_UNET_PREFIX = "model.diffusion_model."
-FORMATS = ("auto", "vgen", "sd21", "vgen_ckpt", "diffusers")
+FORMATS = ("auto", "vgen", "sd21", "vgen_ckpt", "vgen_unet", "diffusers")
 _LDM_RESBLOCK_LAYERS = ("in_layers.", "emb_layers.", "out_layers.", "skip_connection.")
 
 
@@ -190,6 +190,8 @@ def load_sd21_spatial(model: UNet3D, state: Mapping[str, torch.Tensor], source: 
 def detect_format(path: str | Path, state: Mapping[str, torch.Tensor] | None = None) -> str:
     if Path(path).is_dir():
         return "diffusers"
+    if Path(path).suffix == ".safetensors" and _exported_with_vgen_names(path):
+        return "vgen_unet"
     keys = list(state or {})
     if any(k.startswith(LDM_UNET_PREFIX) for k in keys):
         return "sd21"
@@ -198,12 +200,25 @@ def detect_format(path: str | Path, state: Mapping[str, torch.Tensor] | None = N
     return "vgen"
 
 
+def _exported_with_vgen_names(path: str | Path) -> bool:
+    """Whether ``path`` is a ``python -m vgen.checkpoint export`` file with vgen (not original VGen) key names."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            meta = file.metadata() or {}
+    except (safetensors.SafetensorError, OSError, ValueError):
+        return False
+    return meta.get("format") == "vgen-unet" and meta.get("key_names") == "vgen"
+
+
 def init_unet(model: UNet3D, path: str | Path, fmt: str = "auto", allow_missing: Sequence[str] = ()) -> str:
     """Give ``model`` the weights of ``path`` (see the module doc for formats); returns the format used.
 
     ``fmt``: ``auto`` (from the file's keys), ``vgen`` (original VGen release), ``sd21`` (spatial init from a
     Stable Diffusion 2.1 LDM checkpoint), ``vgen_ckpt`` (a vgen training checkpoint's UNet: its EMA weights when
-    it has them), ``diffusers``. ``allow_missing`` (VGen releases and vgen checkpoints): prefixes of the model's
+    it has them), ``vgen_unet`` (a ``python -m vgen.checkpoint export`` file with vgen key names; detected from
+    its metadata), ``diffusers``. ``allow_missing`` (VGen releases and vgen checkpoints): prefixes of the model's
     keys the file may lack, e.g. HiGen's new zero-initialised paths over a T2V release; they keep their init.
     """
     if fmt not in FORMATS:
@@ -223,9 +238,12 @@ def init_unet(model: UNet3D, path: str | Path, fmt: str = "auto", allow_missing:
     fmt = detect_format(path, state) if fmt == "auto" else fmt
     if fmt == "sd21":
         load_sd21_spatial(model, state, str(path))
-    elif fmt == "vgen_ckpt":
-        ckpt = load_training_checkpoint(path)
-        weights = unet_weights(ckpt, ema="ema" in ckpt)
+    elif fmt in ("vgen_ckpt", "vgen_unet"):
+        if fmt == "vgen_ckpt":
+            ckpt = load_training_checkpoint(path)
+            weights = unet_weights(ckpt, ema="ema" in ckpt)
+        else:
+            weights = dict(state)
         current = model.state_dict()
         fresh = [k for k in current if k.startswith(tuple(allow_missing)) and k not in weights]
         _check_strict({k: v.shape for k, v in current.items() if k not in fresh},
@@ -233,7 +251,7 @@ def init_unet(model: UNet3D, path: str | Path, fmt: str = "auto", allow_missing:
         _assign(model, {**{k: current[k] for k in fresh}, **weights})
     else:
         fresh = load_vgen_state_dict(model, state, str(path), allow_missing)
-    if fmt in ("vgen", "vgen_ckpt") and fresh:
+    if fmt in ("vgen", "vgen_ckpt", "vgen_unet") and fresh:
         log.info("%s: %d parameters it does not hold keep their initialisation (allowed by allow_missing): %s",
                  path, len(fresh), ", ".join(fresh))
     return fmt

@@ -132,7 +132,8 @@ def consolidate(path: str | Path, ema: bool = False) -> tuple[dict[str, torch.Te
     if info["format"] == "deepspeed":
         states = deepspeed_metadata(path)
         weights = deepspeed_ema(path, states) if ema else _strip(deepspeed_model(path, states))
-        meta = {k: states[k] for k in ("global_step", "vgen_config") if k in states}
+        meta = {k: states[k] for k in ("global_step", "vgen_config", "adapters", "base_weights", "placeholder")
+                if k in states}
     elif info["format"] == "dcp":
         weights = dcp_weights(path, ema)
         weights = weights if ema else _strip(weights)

@@ -18,7 +18,7 @@ from vgen.training.optim import DECAY_MODES
 NEGATIVE_PROMPT = ("Distorted, discontinuous, Ugly, blurry, low resolution, motionless, static, disfigured, "
                    "disconnected limbs, Ugly faces, incomplete arms")
 DROPOUT_SCHEMES = ("independent", "all_none_each")
-INIT_FORMATS = ("auto", "vgen", "sd21", "vgen_ckpt", "diffusers")
+INIT_FORMATS = ("auto", "vgen", "sd21", "vgen_ckpt", "vgen_unet", "diffusers")
 
 T = TypeVar("T")
 
@@ -133,7 +133,7 @@ class ConditioningOptions:
 @dataclass
 class InitOptions:
     path: str | None = None  # initial UNet weights (null = model.unet's random init)
-    format: str = "auto"  # auto | vgen | sd21 | vgen_ckpt | diffusers
+    format: str = "auto"  # auto | vgen | sd21 | vgen_ckpt | vgen_unet | diffusers
     allow_missing: list[str] = field(default_factory=list)  # model key prefixes the file may lack (new paths)
 
     def __post_init__(self):
@@ -143,6 +143,29 @@ class InitOptions:
         if isinstance(self.allow_missing, str) or not all(isinstance(p, str) and p for p in self.allow_missing):
             raise OptionError(f"stage.init.allow_missing must be a list of key prefixes, got {self.allow_missing!r}")
         self.allow_missing = list(self.allow_missing)
+
+
+@dataclass
+class PlaceholderOptions:
+    token: str | None = None  # textual-inversion placeholder in captions ("*"); null = none
+    init_word: str = "dog"  # one-token word whose embedding the placeholder starts from (train)
+    path: str | None = None  # learned embedding to load (frozen): placeholder .safetensors or DreamVideo checkpoint
+    train: bool = False  # learn the placeholder's embedding (subject step 1)
+
+    def __post_init__(self):
+        if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):
+            raise OptionError(f"stage.placeholder.token must be a non-empty word or null, got {self.token!r}")
+        if not isinstance(self.init_word, str) or not self.init_word.strip():
+            raise OptionError(f"stage.placeholder.init_word must be a word, got {self.init_word!r}")
+        if not isinstance(self.train, bool):
+            raise OptionError(f"stage.placeholder.train must be true or false, got {self.train!r}")
+        if self.path is not None:
+            self.path = str(self.path)
+        if self.token is None and (self.train or self.path is not None):
+            raise OptionError("stage.placeholder.token is null, but placeholder.train or placeholder.path is set: "
+                              "name the placeholder (e.g. token: '*')")
+        if self.train and self.path is not None:
+            raise OptionError("stage.placeholder: train a new embedding (train: true) or load one (path), not both")
 
 
 @dataclass
