@@ -26,7 +26,6 @@ direction accuracy and the key-frame centroid error (targets: Spearman >= 0.8; c
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import subprocess
 import sys

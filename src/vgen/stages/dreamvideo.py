@@ -84,7 +84,7 @@ class DreamVideoStage(DiffusionStage):
                  **kwargs):
         self.placeholder_cfg = parse(PlaceholderOptions, "placeholder", placeholder)
         if not isinstance(masked_loss, bool):
-            raise ValueError(f"stage.masked_loss must be true or false, got {masked_loss!r}")
+            raise TypeError(f"stage.masked_loss must be true or false, got {masked_loss!r}")
         self.masked_loss = masked_loss
         super().__init__(unet, *args, **kwargs)
         if not self.adapters and not self.placeholder_cfg.train:
