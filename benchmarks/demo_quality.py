@@ -4,7 +4,9 @@ shards) and check with a centroid tracker whether the shape moves in the prompte
     python benchmarks/demo_quality.py [--checkpoint outputs/demo/checkpoints/<newest>] [--seeds 4]
 
 Prints the direction accuracy on the held-out prompts (target >= 75%; chance 25%) and, for reference, on as
-many training prompts.
+many training prompts. Sampling and scoring are ``vgen.eval``'s (the ``direction`` metric), so
+``python -m vgen.eval checkpoint=<same> prompts=<these prompts, one a line> metrics=[direction] seeds=4 seed=1000
+steps=25 out=<dir>`` reports the same number.
 """
 
 from __future__ import annotations
@@ -16,28 +18,19 @@ from pathlib import Path
 
 import torch
 
-from vgen.data.synthetic import HELD_OUT, TRAINING_COMBOS, caption, centroid_track
-from vgen.media import to_uint8_frames
+from vgen.data.synthetic import HELD_OUT, TRAINING_COMBOS, caption
+from vgen.eval import evaluate_pipeline
 from vgen.pipeline import VideoPipeline
 from vgen.training.checkpointing import find_resume_checkpoint
 
+FIRST_SEED = 1000
 
-def accuracy(pipe, combos, seeds: int, size: int, frames: int, steps: int, guidance: float, batch: int = 8):
-    prompts = [(caption(*c), c[2], seed) for c in combos for seed in range(seeds)]
-    hits, results = 0, []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        videos = []
-        for seed in sorted({s for _, _, s in chunk}):
-            items = [p for p in chunk if p[2] == seed]
-            out = pipe([p for p, _, _ in items], num_frames=frames, height=size, width=size, steps=steps,
-                       guidance=guidance, seed=1000 + seed)
-            videos += list(zip(items, out))
-        for (prompt, want, seed), video in videos:
-            got = centroid_track(to_uint8_frames(video))
-            hits += got == want
-            results.append((prompt, seed, want, got))
-    return hits / len(prompts), results
+
+def accuracy(pipe, combos, seeds: int, steps: int, guidance: float) -> tuple[float, list[dict]]:
+    """Direction accuracy over ``combos`` x ``seeds`` videos (seeds 1000, 1001, ...) and each video's row."""
+    report = evaluate_pipeline(pipe, [caption(*c) for c in combos], ["direction"], seeds=seeds, seed=FIRST_SEED,
+                               steps=steps, guidance=guidance)
+    return report.metrics["direction"], report.rows
 
 
 def main() -> int:
@@ -61,11 +54,12 @@ def main() -> int:
     print(f"checkpoint {checkpoint}: {frames} frames {size}x{size}, DDIM {args.steps} steps, CFG {guidance}, "
           f"{'raw' if args.raw else 'EMA'} weights")
     for name, combos in (("held-out prompts", HELD_OUT), ("training prompts", train_combos)):
-        acc, results = accuracy(pipe, combos, args.seeds, size, frames, args.steps, guidance)
-        print(f"{name}: direction accuracy {acc:.1%} over {len(results)} videos (chance 25%)")
+        acc, rows = accuracy(pipe, combos, args.seeds, args.steps, guidance)
+        print(f"{name}: direction accuracy {acc:.1%} over {len(rows)} videos (chance 25%)")
         if args.verbose:
-            for prompt, seed, want, got in results:
-                print(f"  {prompt!r} seed {seed}: tracked {got}")
+            for row in rows:
+                print(f"  {row['prompt']!r} seed {row['seed']}: {'moves' if row['direction'] else 'does not move'} "
+                      "the prompted way")
     return 0
 
 

@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 
 from vgen.checkpoint.export import load_training_checkpoint
-from vgen.data.synthetic import HELD_OUT, TRAINING_COMBOS, caption, centroid_track, centroids
+from vgen.data.synthetic import HELD_OUT, TRAINING_COMBOS, caption
+from vgen.eval.toy import direction, shape_found
 from vgen.media import to_uint8_frames
 from vgen.models.lora import LoRA, save_lora
 from vgen.pipeline import VideoPipeline
@@ -51,8 +51,8 @@ def evaluate(stage, combos, seeds: int, size: int, frames: int, steps: int, guid
         redness.append(reward(pixels.transpose(1, 2).flatten(0, 1), [""] * pixels.shape[0] * frames).mean())
         for combo, video in zip(combos, videos):
             uint8 = to_uint8_frames(video)
-            hits += centroid_track(uint8) == combo[2]
-            found += int((~np.isnan(centroids(uint8)).any(axis=1)).sum() >= 2)
+            hits += direction(uint8, caption(*combo))
+            found += shape_found(uint8)
             count += 1
     return torch.stack(redness).mean().item(), hits / count, found / count
 
