@@ -119,6 +119,19 @@ def test_textual_inversion_trains_only_the_word(step1, base):
     assert torch.equal(ckpt["placeholder"]["embedding"], stage.text_encoder.placeholder.embedding.detach())
 
 
+def test_textual_inversion_resumes_bit_exactly(step1, folders, base, tmp_path):
+    """2 steps, then resume=auto to 3: the same word (and optimizer state) as 3 steps straight."""
+    _, straight, _ = step1
+    common = _overrides("dreamvideo_subject_step1", tmp_path, f"data.root={folders['subject']}", "data.num_frames=1",
+                        "data.caption=a *", f"stage.init.path={base}", "stage.masked_loss=true", "optim.lr=1e-2")
+    run = tmp_path / "dreamvideo_subject_step1"
+    run_training([*common, "trainer.max_steps=2"], run)
+    resumed = run_training([*common, "trainer.max_steps=3", "resume=auto"], run)
+    assert resumed.global_step == 3
+    assert torch.equal(resumed.lightning_module.text_encoder.placeholder.embedding,
+                       straight.lightning_module.text_encoder.placeholder.embedding)
+
+
 def test_the_stage_weights_its_loss_by_the_subject_mask(step1, folders):
     """The stage's loss is the diffusion loss with the batch's subject mask at latent size as ``loss_mask``
     (:func:`vgen.diffusion.loss.latent_mask`; that it ignores the target outside the mask is tested in
