@@ -57,9 +57,10 @@ class RecordLosses(L.Callback):
         self.losses.append(float(loss.detach().double()))
 
 
-def run_training(overrides: list[str], output_dir: Path, config_dir: Path | None = None):
+def run_training(overrides: list[str], output_dir: Path, config_dir: Path | None = None, edit=None):
     """Compose ``conf/train.yaml`` with ``overrides`` and train in this process, as ``python -m vgen.train`` does
-    (the run directory is ``output_dir``); returns the Trainer."""
+    (the run directory is ``output_dir``; ``edit(cfg)`` may change the composed config first); returns the
+    Trainer."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -75,4 +76,71 @@ def run_training(overrides: list[str], output_dir: Path, config_dir: Path | None
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as in @hydra.main, the task sees the config without the hydra node
+        if edit is not None:
+            edit(cfg)
     return train(cfg)
+
+
+def write_demo_shards(out: Path, videos: int = 16, images: int = 8) -> Path:
+    """Small synthetic demo shards (8 samples each: ``videos-00000{0,1}.tar``, ``images-000000.tar`` by default) in
+    ``out``; returns ``out``."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "data_pipelines" / "synthetic.py"
+    subprocess.run([sys.executable, str(script), "--out", str(out), "--videos", str(videos), "--images", str(images),
+                    "--shard-size", "8", "--size", "16"], check=True, capture_output=True)
+    return out
+
+
+def demo_shard_overrides(shards: Path) -> list[str]:
+    """``data.sources`` of ``conf/data/demo.yaml`` pointed at :func:`write_demo_shards` output."""
+    return [f"data.sources.0.urls='{shards}/videos-{{000000..000001}}.tar'",
+            f"data.sources.1.urls='{shards}/images-000000.tar'"]
+
+
+def evaluation_overrides(shards: Path, *, every: int = 1, metrics: str = "[direction,shape_found,color]"
+                         ) -> list[str]:
+    """The in-training evaluation at tiny size: 3 held-out clips at 2 timesteps, 2 prompts sampled in 2 steps."""
+    return ["callbacks.evaluation.enabled=true", f"callbacks.evaluation.every_n_steps={every}",
+            f"callbacks.evaluation.shards=[{{urls: '{shards}/videos-000001.tar', type: video}}]",
+            "callbacks.evaluation.samples_per_source=3", "callbacks.evaluation.batch_size=2",
+            "callbacks.evaluation.timesteps=2", "callbacks.evaluation.steps=2",
+            "callbacks.evaluation.prompts=[a red circle moving left,a blue square moving up]",
+            f"callbacks.evaluation.metrics={metrics}"]
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """The history rows (``run.log`` calls) of the offline W&B run under ``run_dir`` (``<run_dir>/wandb/``), read
+    from its ``.wandb`` file: ``{key: value}`` with media as nested keys (``eval/videos/_type``...).
+
+    The file is W&B's LevelDB-style log (the ``:W&B`` header, 32 KiB blocks of records ``<crc32, length, type>``
+    carrying ``wandb_internal_pb2.Record`` protobufs); offline runs write no ``wandb-summary.json``.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, f"expected one offline W&B run in {run_dir}/wandb, found {files}"
+    data = files[0].read_bytes()
+    ident, magic, _ = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1), f"{files[0]} is not a W&B run file"
+    block, header, pos, pending, rows = 32768, 7, 7, b"", []
+    while pos + header <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + header]) if left >= header else (0, 0, 0)
+        if kind == 0 and length == 0:  # the rest of the block is padding
+            pos += left
+            continue
+        pending += data[pos + header:pos + header + length]
+        pos += header + length
+        if kind in (1, 4):  # a whole record, or the last part of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows

@@ -240,11 +240,15 @@ class ConsistencyDistillStage(DiffusionStage):
         cfg = self.distill_cfg
         latents = self.batch_latents(batch)
         cond, uncond = self.distill_conditions(batch, latents)
-        per_sample, _ = consistency_distillation_loss(
+        per_sample, parts = consistency_distillation_loss(
             self.unet, self.target, self.teacher, self.diffusion.param, latents, cond=cond, uncond=uncond,
             **self._seeded_draws(batch, latents), frame_correlation=self.diffusion.frame_noise_correlation,
             guidance=cfg.guidance, solver_steps=cfg.solver_steps, loss=cfg.loss, huber_c=cfg.huber_c,
             sigma_data=cfg.sigma_data, timestep_scaling=cfg.timestep_scaling, batch_cfg=cfg.batch_cfg)
+        if self._trainer is not None:  # the loss's own terms: comparable whatever distill.loss and huber_c are
+            gap = (parts["prediction"].detach().float() - parts["target"].float()).pow(2).mean()
+            self.log("train/consistency_mse", gap, batch_size=latents.shape[0])
+            self.log("train/solver_timestep", parts["t"].float().mean(), batch_size=latents.shape[0])
         return per_sample.mean()
 
     def _seeded_draws(self, batch: dict, latents: torch.Tensor) -> dict[str, torch.Tensor]:
