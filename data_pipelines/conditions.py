@@ -22,12 +22,9 @@ Parallel and resumable: {slurm} Here the shards are the input shards.
 from __future__ import annotations
 
 import argparse
-import functools
 import gzip
-import json
 import random
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -40,19 +37,12 @@ from vgen.data.image import IMAGE_EXTENSIONS, decode_image
 from vgen.data.shardio import (
     SLURM_HELP,
     ToolParser,
+    add_members,
     add_work_arguments,
-    atomic_write,
-    expand_inputs,
     fail,
     report_failed,
-    run_shards,
-    shard_samples,
-    split_failed,
-    tar_bytes,
-    task_shards,
-    write_report,
+    run_annotation,
 )
-from vgen.data.stream import UNSAFE_EXTENSIONS
 from vgen.data.video import VIDEO_EXTENSIONS, frame_stride
 
 __doc__ = __doc__.replace("{slurm}", SLURM_HELP)
@@ -100,38 +90,16 @@ def condition_maps(frames: np.ndarray, native_fps: float, kind: str, fps: float,
 
 
 def annotate_shard(index: int, urls: list[str], args) -> dict | None:
-    out = args.out / Path(urls[index]).name
-    if out.exists() and not args.overwrite:
-        return None
-    samples, errors = shard_samples(urls[index])
-    written, dropped = [], Counter()
     weights = {"depthmap": args.depth_weights, "sketch": args.sketch_weights, "single_sketch": args.sketch_weights}
-    for sample in samples:
-        if any(k.rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS for k in sample):
-            dropped["unsafe_member"] += 1
-            continue
-        try:
-            frames, native = source_frames(sample, args.size, args.max_frames)
-            rng = random.Random(f"{sample['__key__']}")
-            members = {f"{kind}.safetensors.gz": gzip.compress(encode_maps(
-                condition_maps(frames, native, kind, args.fps, rng, weights.get(kind)), range(len(frames)), kind),
-                compresslevel=6) for kind in args.kinds}
-        except SampleError as error:
-            dropped[error.reason] += 1
-            continue
-        written.append({**{k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}, **members})
-    if errors:  # not read whole: no output, so the shard is not complete and a rerun retries it
-        return {"input": urls[index], "failed": errors}
-    atomic_write(out, tar_bytes(written))
-    stats = {"input": urls[index], "written": len(written), "dropped": dict(dropped), "read_errors": errors}
-    atomic_write(out.with_name(out.name + ".stats.json"), json.dumps(stats, sort_keys=True).encode())
-    return stats
 
+    def members(sample: dict) -> dict[str, bytes]:
+        frames, native = source_frames(sample, args.size, args.max_frames)
+        rng = random.Random(f"{sample['__key__']}")
+        return {f"{kind}.safetensors.gz": gzip.compress(encode_maps(
+            condition_maps(frames, native, kind, args.fps, rng, weights.get(kind)), range(len(frames)), kind),
+            compresslevel=6) for kind in args.kinds}
 
-def merge(sidecars: list[dict]) -> dict:
-    dropped = sum((Counter(s["dropped"]) for s in sidecars), Counter())
-    return {"written": sum(s["written"] for s in sidecars), "dropped": dict(dropped),
-            "read_errors": {s["input"]: s["read_errors"] for s in sidecars if s["read_errors"]}}
+    return add_members(urls[index], args.out / Path(urls[index]).name, args.overwrite, members)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,18 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, path in (("--depth-weights", args.depth_weights), ("--sketch-weights", args.sketch_weights)):
         if path and not Path(path).exists():
             fail(parser.prog, f"{flag} {path}: no such file or folder")
-    try:
-        urls = expand_inputs(args.input)
-    except FileNotFoundError as error:
-        fail(parser.prog, str(error))
-    names = [Path(url).name for url in urls]
-    if len(set(names)) != len(names):
-        parser.error("input shards must have distinct file names (each gives the output shard of that name)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    shards = task_shards(len(urls), args.shard_range)
-    results = run_shards(functools.partial(annotate_shard, urls=urls, args=args), shards, args.workers)
-    written, failed = split_failed(results)
-    report = write_report(args.out, "conditions_stats.json", merge)
+    written, shards, report, failed = run_annotation(parser.prog, parser, args, annotate_shard,
+                                                     "conditions_stats.json")
     print(f"conditions: wrote {len(written)} of shards {shards.start}..{shards.stop - 1} to {args.out}; all shards "
           f"so far: {report['written']} samples, dropped {report['dropped']} -> {args.out / 'conditions_stats.json'}")
     report_failed(parser.prog, failed)

@@ -34,10 +34,7 @@ Parallel and resumable: {slurm} Here the shards are the input shards.
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -50,19 +47,12 @@ from vgen.data.errors import SampleError
 from vgen.data.shardio import (
     SLURM_HELP,
     ToolParser,
+    add_members,
     add_work_arguments,
-    atomic_write,
-    expand_inputs,
     fail,
     report_failed,
-    run_shards,
-    shard_samples,
-    split_failed,
-    tar_bytes,
-    task_shards,
-    write_report,
+    run_annotation,
 )
-from vgen.data.stream import UNSAFE_EXTENSIONS
 from vgen.data.video import VIDEO_EXTENSIONS
 
 __doc__ = __doc__.replace("{slurm}", SLURM_HELP)
@@ -118,39 +108,14 @@ def frame_embeddings(frames: np.ndarray, args) -> torch.Tensor:
 
 
 def cue_shard(index: int, urls: list[str], args) -> dict | None:
-    out = args.out / Path(urls[index]).name
-    if out.exists() and not args.overwrite:
-        return None
-    samples, errors = shard_samples(urls[index])
-    written, dropped, clips = [], Counter(), 0
-    for sample in samples:
-        if any(k.rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS for k in sample):
-            dropped["unsafe_member"] += 1
-            continue
-        kept = {k: v for k, v in sample.items() if (k == "__key__" or not k.startswith("__")) and k != CUES_MEMBER}
+    def members(sample: dict) -> dict[str, bytes]:
         media = next((k for k in sample if k.rsplit(".", 1)[-1] in VIDEO_EXTENSIONS), None)
-        if media is not None:
-            try:
-                frames = clip_frames(sample[media], args.size, args.max_frames)
-            except SampleError as error:
-                dropped[error.reason] += 1
-                continue
-            kept[CUES_MEMBER] = encode_cues(frame_embeddings(frames, args), range(len(frames)))
-            clips += 1
-        written.append(kept)
-    if errors:  # not read whole: no output, so the shard is not complete and a rerun retries it
-        return {"input": urls[index], "failed": errors}
-    atomic_write(out, tar_bytes(written))
-    stats = {"input": urls[index], "written": len(written), "with_cues": clips, "dropped": dict(dropped),
-             "read_errors": errors}
-    atomic_write(out.with_name(out.name + ".stats.json"), json.dumps(stats, sort_keys=True).encode())
-    return stats
+        if media is None:  # images keep the neutral cues: no member
+            return {}
+        frames = clip_frames(sample[media], args.size, args.max_frames)
+        return {CUES_MEMBER: encode_cues(frame_embeddings(frames, args), range(len(frames)))}
 
-
-def merge(sidecars: list[dict]) -> dict:
-    dropped = sum((Counter(s["dropped"]) for s in sidecars), Counter())
-    return {"written": sum(s["written"] for s in sidecars), "with_cues": sum(s["with_cues"] for s in sidecars),
-            "dropped": dict(dropped), "read_errors": {s["input"]: s["read_errors"] for s in sidecars if s["read_errors"]}}
+    return add_members(urls[index], args.out / Path(urls[index]).name, args.overwrite, members)
 
 
 def check_encoder(args) -> str | None:
@@ -187,20 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_encoder(args)
     if problem:
         fail(parser.prog, problem)
-    try:
-        urls = expand_inputs(args.input)
-    except FileNotFoundError as error:
-        fail(parser.prog, str(error))
-    names = [Path(url).name for url in urls]
-    if len(set(names)) != len(names):
-        parser.error("input shards must have distinct file names (each gives the output shard of that name)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    shards = task_shards(len(urls), args.shard_range)
-    results = run_shards(functools.partial(cue_shard, urls=urls, args=args), shards, args.workers)
-    written, failed = split_failed(results)
-    report = write_report(args.out, "cues_stats.json", merge)
+    written, shards, report, failed = run_annotation(parser.prog, parser, args, cue_shard, "cues_stats.json")
     print(f"cues: wrote {len(written)} of shards {shards.start}..{shards.stop - 1} to {args.out}; all shards so far: "
-          f"{report['written']} samples ({report['with_cues']} clips with cues), dropped {report['dropped']} -> "
+          f"{report['written']} samples ({report['annotated']} clips with cues), dropped {report['dropped']} -> "
           f"{args.out / 'cues_stats.json'}")
     report_failed(parser.prog, failed)
     return 0

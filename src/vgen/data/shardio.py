@@ -167,6 +167,77 @@ def write_report(out: Path, name: str, merge: Callable[[list[dict]], dict]) -> d
     return report
 
 
+def add_members(url: str, out: Path, overwrite: bool, members_of: Callable[[dict], dict[str, bytes]]) -> dict | None:
+    """Copy every sample of shard ``url`` byte for byte to ``out`` with the members ``members_of(sample)`` adds
+    (or replaces); the shared body of the tools that annotate shards (``data_pipelines/conditions.py``, ``cues.py``).
+
+    A sample with an unsafe member (pickle-like extensions) is dropped, one whose ``members_of`` raises
+    :class:`~vgen.data.errors.SampleError` is dropped under its reason. Returns None when ``out`` exists (complete,
+    and not ``overwrite``), ``{"input", "failed"}`` when the shard could not be read whole (nothing written: a rerun
+    retries it), else the stats also written beside ``out`` (``written``, ``annotated`` -- samples that got
+    members --, ``dropped``, ``read_errors``).
+    """
+    from collections import Counter
+
+    from vgen.data.errors import SampleError
+    from vgen.data.stream import UNSAFE_EXTENSIONS
+
+    if out.exists() and not overwrite:
+        return None
+    samples, errors = shard_samples(url)
+    written, dropped, annotated = [], Counter(), 0
+    for sample in samples:
+        if any(k.rsplit(".", 1)[-1] in UNSAFE_EXTENSIONS for k in sample):
+            dropped["unsafe_member"] += 1
+            continue
+        try:
+            members = members_of(sample)
+        except SampleError as error:
+            dropped[error.reason] += 1
+            continue
+        kept = {k: v for k, v in sample.items() if (k == "__key__" or not k.startswith("__")) and k not in members}
+        written.append({**kept, **members})
+        annotated += bool(members)
+    if errors:
+        return {"input": url, "failed": errors}
+    atomic_write(out, tar_bytes(written))
+    stats = {"input": url, "written": len(written), "annotated": annotated, "dropped": dict(dropped),
+             "read_errors": errors}
+    atomic_write(out.with_name(out.name + ".stats.json"), json.dumps(stats, sort_keys=True).encode())
+    return stats
+
+
+def merge_added(sidecars: list[dict]) -> dict:
+    """The report of :func:`add_members` sidecars: totals, drop reasons, and the shards with read errors."""
+    from collections import Counter
+
+    dropped = sum((Counter(s["dropped"]) for s in sidecars), Counter())
+    return {"written": sum(s["written"] for s in sidecars), "annotated": sum(s.get("annotated", 0) for s in sidecars),
+            "dropped": dict(dropped), "read_errors": {s["input"]: s["read_errors"] for s in sidecars if s["read_errors"]}}
+
+
+def run_annotation(prog: str, parser: argparse.ArgumentParser, args, shard: Callable[..., dict | None],
+                   report_name: str) -> tuple[list[dict], range, dict, list[dict]]:
+    """The shared main of the annotating tools: expand ``args.input`` (distinct names: each gives the output shard
+    of that name), run ``shard(index, urls=..., args=...)`` over this task's shards with ``args.workers``, merge
+    the sidecars into ``args.out/report_name``. Returns ``(written, shards, report, failed)``; call
+    :func:`report_failed` after printing."""
+    import functools
+
+    try:
+        urls = expand_inputs(args.input)
+    except FileNotFoundError as error:
+        fail(prog, str(error))
+    names = [Path(url).name for url in urls]
+    if len(set(names)) != len(names):
+        parser.error("input shards must have distinct file names (each gives the output shard of that name)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    shards = task_shards(len(urls), args.shard_range)
+    results = run_shards(functools.partial(shard, urls=urls, args=args), shards, args.workers)
+    written, failed = split_failed(results)
+    return written, shards, write_report(args.out, report_name, merge_added), failed
+
+
 def quantiles(values: list[float]) -> dict:
     """count, mean and the 10/50/90% quantiles of ``values`` (nearest rank)."""
     if not values:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from vgen.models.conditions.base import Condition, ConditionError, ConditionInputs, UNetDims
+from vgen.models.conditions.standard import frame_embedding
 
 FRAMES = ("first", "middle", "random")
 
@@ -47,14 +48,7 @@ class AppearanceImage(Condition):
         self.frame = frame
 
     def extract(self, inputs: ConditionInputs) -> torch.Tensor | None:
-        if "video" not in inputs.batch and "image_embedding" not in inputs.batch:
-            return None
-        if getattr(inputs.encoders, "image_encoder", None) is None and "video" in inputs.batch:
-            if self.required:
-                raise ConditionError(f"the condition {self.name!r} reads image-encoder embeddings: set "
-                                     "model.image_encoder")
-            return None
-        return inputs.encoders.batch_image_embedding(inputs.batch, self.frame)
+        return frame_embedding(self, inputs)
 
     def forward(self, value: torch.Tensor, num_frames: int) -> torch.Tensor:
         if value.ndim == 2:

@@ -82,6 +82,20 @@ class TextTokens(Condition):
         return torch.randn(batch_size, 77, self.context_dim, dtype=dtype)
 
 
+def frame_embedding(condition: Condition, inputs: ConditionInputs) -> torch.Tensor | None:
+    """The image-encoder embedding [B, 1, D] of the frame ``condition.frame`` of the batch's clips (or the latent
+    batch's cached ``image_embedding``); None when the batch has neither, or has pixels but no image encoder and
+    the condition is optional."""
+    if "video" not in inputs.batch and "image_embedding" not in inputs.batch:
+        return None
+    if getattr(inputs.encoders, "image_encoder", None) is None and "video" in inputs.batch:
+        if condition.required:
+            raise ConditionError(f"the condition {condition.name!r} reads image-encoder embeddings: set "
+                                 "model.image_encoder")
+        return None
+    return inputs.encoders.batch_image_embedding(inputs.batch, condition.frame)
+
+
 class ImageTokens(Condition):
     """A CLIP image embedding [B, 1, image_dim] -> ``num_tokens`` cross-attention tokens through an MLP
     (Linear -> SiLU -> Linear). I2VGen-XL's global image tokens (``context_embedding``, hidden 4 x model_channels)
@@ -113,14 +127,7 @@ class ImageTokens(Condition):
                                  nn.Linear(hidden, dims.context_dim * num_tokens))
 
     def extract(self, inputs: ConditionInputs) -> torch.Tensor | None:
-        if "video" not in inputs.batch and "image_embedding" not in inputs.batch:
-            return None
-        if getattr(inputs.encoders, "image_encoder", None) is None and "video" in inputs.batch:
-            if self.required:
-                raise ConditionError(f"the condition {self.name!r} reads image-encoder embeddings: set "
-                                     "model.image_encoder")
-            return None
-        return inputs.encoders.batch_image_embedding(inputs.batch, self.frame)
+        return frame_embedding(self, inputs)
 
     def forward(self, value: torch.Tensor, num_frames: int) -> torch.Tensor:
         _check(self.name, value, value.ndim in (2, 3) and value.shape[-1] == self.image_dim,
