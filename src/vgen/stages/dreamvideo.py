@@ -105,7 +105,10 @@ class DreamVideoStage(DiffusionStage):
                                f"embedding of {cfg.init_word!r} (set it to the step-1 checkpoint for a real run)")
                 self.text_encoder.add_placeholder(cfg.token, cfg.init_word).requires_grad_(False)
             else:
-                token, init_word, embedding = read_placeholder_source(cfg.path, self.text_encoder.dim)
+                try:
+                    token, init_word, embedding = read_placeholder_source(cfg.path, self.text_encoder.dim)
+                except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
+                    raise ValueError(f"stage.placeholder.path={cfg.path}: {err}") from None
                 if token != cfg.token.strip().lower():
                     raise ValueError(f"stage.placeholder.path={cfg.path} learned the token {token!r}, but "
                                      f"stage.placeholder.token is {cfg.token!r}")
