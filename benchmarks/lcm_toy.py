@@ -1,4 +1,6 @@
-"""Toy proof of consistency distillation on the CPU demo data.
+"""Toy proof of consistency distillation on the CPU demo data (the earlier, per-seed MSE version; superseded by
+``benchmarks/lcm_demo.py``: the direction-following demo teacher, a distribution distance and direction accuracy,
+DDIM on the trailing grid; see RESULTS.md).
 
 1. Train a tiny pixel-space teacher on the synthetic moving-shape shards (``experiment=demo``, smaller UNet).
 2. Distil it with ``experiment=videolcm_distill`` (teacher guidance w = 2, i.e. the demo's CFG scale 3).

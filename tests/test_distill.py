@@ -77,6 +77,36 @@ def test_solver_grid_and_lcm_timesteps():
         lcm_timesteps(1000, 51)
 
 
+def test_trailing_ddim_grid_is_the_lcm_solver_grid():
+    """The 981-vs-999 mismatch: VGen's (leading) DDIM grid starts at 981 (50 steps) or 751 (4), the LCM grid at 999.
+    ``ddim_spacing=trailing`` runs DDIM-50 on exactly the solver grid the student is distilled on (then to 0), and a
+    few-step DDIM from 999 as LCM; leading stays VGen's."""
+    from vgen.diffusion import ddim_timesteps
+
+    assert ddim_timesteps(1000, 50).tolist()[:2] == [981, 961]
+    assert ddim_timesteps(1000, 50, "trailing").tolist() == solver_timesteps(1000, 50).flip(0).tolist()
+    assert ddim_timesteps(1000, 4, "trailing").tolist() == [999, 749, 499, 249]
+    assert ddim_timesteps(1000, 4, "trailing")[0] == lcm_timesteps(1000, 4)[0]
+    assert ddim_timesteps(1000, 3, "trailing").tolist() == [999, 666, 333]
+    with pytest.raises(ValueError, match="spacing"):
+        ddim_timesteps(1000, 4, "linspace")
+    with pytest.raises(ValueError, match="ddim_spacing"):
+        build_diffusion("cosine", ddim_spacing="middle")
+    seen = []
+    model = lambda x, t, **_: seen.append(int(t[0])) or torch.zeros_like(x)
+    diffusion = build_diffusion("cosine", zero_terminal_snr=True, prediction="v", ddim_spacing="trailing",
+                                guidance_scale=1.0)
+    out = diffusion.sample(model, torch.randn(1, 3, 2, 4, 4), steps=4)
+    assert seen == [999, 749, 499, 249]
+    assert torch.isfinite(out).all()  # eps at t = 999 (alpha_bar = 0) is finite
+    unet = UNet3D(**TINY).eval()
+    assert torch.isfinite(diffusion.sample(lambda x, t, **_: unet(x, t, text=torch.zeros(1, 4, 64)),
+                                           torch.randn(1, 3, 2, 8, 8), steps=2)).all()
+    seen.clear()
+    ddim_sample(model, torch.randn(1, 3, 2, 4, 4), diffusion.param, 4, guidance_scale=1.0)
+    assert seen == [751, 501, 251, 1]
+
+
 def test_zero_terminal_snr_end_is_finite():
     param = v_param()
     assert param.schedule.alpha_bar(torch.tensor([999]), torch.zeros(1)).item() == 0.0

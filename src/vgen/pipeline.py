@@ -46,7 +46,7 @@ def _sample_ddim(pipe: VideoPipeline, x_T: torch.Tensor, cond: dict, uncond: dic
     return ddim_sample(pipe.unet, x_T, d.param, steps or d.ddim_steps, cond=cond, uncond=uncond,
                        guidance_scale=d.guidance_scale if guidance is None else guidance,
                        eta=d.ddim_eta if eta is None else eta, generator=generator,
-                       frame_correlation=d.frame_noise_correlation)
+                       frame_correlation=d.frame_noise_correlation, spacing=d.ddim_spacing)
 
 
 def _sample_lcm(pipe: VideoPipeline, x_T: torch.Tensor, cond: dict, uncond: dict, *, steps: int | None,

@@ -10,7 +10,7 @@ import torch
 from vgen.diffusion.loss import Denoiser, diffusion_loss, frame_noise
 from vgen.diffusion.parameterization import Parameterization
 from vgen.diffusion.samplers import ddim_sample
-from vgen.diffusion.schedules import NoiseSchedule, beta_schedule
+from vgen.diffusion.schedules import DDIM_SPACINGS, NoiseSchedule, beta_schedule
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Diffusion:
     ddim_steps: int = 50
     ddim_eta: float = 0.0
     guidance_scale: float = 9.0
+    ddim_spacing: str = "leading"
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -46,6 +47,7 @@ class Diffusion:
         kwargs.setdefault("eta", self.ddim_eta)
         kwargs.setdefault("guidance_scale", self.guidance_scale)
         kwargs.setdefault("frame_correlation", self.frame_noise_correlation)
+        kwargs.setdefault("spacing", self.ddim_spacing)
         return ddim_sample(model, x_T, self.param, **kwargs)
 
 
@@ -60,6 +62,7 @@ def build_diffusion(
     ddim_steps: int = 50,
     ddim_eta: float = 0.0,
     guidance_scale: float = 9.0,
+    ddim_spacing: str = "leading",
     **schedule_kwargs: Any,
 ) -> Diffusion:
     """Hydra entry point; ``schedule_kwargs`` go to :func:`beta_schedule` (cosine_s, init_beta, last_beta)."""
@@ -68,6 +71,8 @@ def build_diffusion(
     if not isinstance(timestep_shift, (int, float)) or timestep_shift <= 0:
         raise ValueError(f"diffusion.timestep_shift must be a number > 0 (1 = uniform training timesteps), "
                          f"got {timestep_shift!r}")
+    if ddim_spacing not in DDIM_SPACINGS:
+        raise ValueError(f"diffusion.ddim_spacing must be one of {', '.join(DDIM_SPACINGS)}, got {ddim_spacing!r}")
     betas = beta_schedule(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr, **schedule_kwargs)
     return Diffusion(
         param=Parameterization(NoiseSchedule(betas), prediction),
@@ -77,4 +82,5 @@ def build_diffusion(
         ddim_steps=ddim_steps,
         ddim_eta=ddim_eta,
         guidance_scale=guidance_scale,
+        ddim_spacing=ddim_spacing,
     )

@@ -123,18 +123,23 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     frame_correlation: float = 0.0,
+    spacing: str = "leading",
 ) -> torch.Tensor:
-    """DDIM from pure noise ``x_T`` over ``ddim_timesteps(T, steps)`` (VGen ``ddim_sample_loop``).
+    """DDIM from pure noise ``x_T`` over ``ddim_timesteps(T, steps, spacing)`` (VGen ``ddim_sample_loop``: leading).
 
     Each step: guided output -> x0 -> eps re-derived from x0 -> :func:`ddim_step` to the previous level, clamped
     at 0, so the last step lands on ab_0 (not 1) like the original and the result keeps a sqrt(1 - ab_0) eps
-    component. ``callback`` gets {"i", "t", "x", "x0"} after every step, ``x`` being the new x_prev.
+    component. ``spacing="trailing"`` takes eps as (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t), finite at a zero-terminal-SNR
+    T-1. ``callback`` gets {"i", "t", "x", "x0"} after every step, ``x`` being the new x_prev.
     """
     stride = param.num_timesteps // steps
     x = x_T
-    for i, step in enumerate(ddim_timesteps(param.num_timesteps, steps).tolist()):
+    for i, step in enumerate(ddim_timesteps(param.num_timesteps, steps, spacing).tolist()):
         t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
         x0, eps, _ = _denoised(model, param, x, t, cond, uncond, guidance_scale, batch_cfg)
+        if spacing == "trailing":  # the grid starts at T-1, where zero terminal SNR makes eps_from_x0 0/0
+            alpha, sigma = param.schedule.scalings(t, x)
+            eps = (x - alpha * x0) / sigma  # the same eps wherever both are defined
         x = ddim_step(param, x0, eps, (t - stride).clamp(min=0), t_from=t, eta=eta, generator=generator,
                       frame_correlation=frame_correlation)
         if callback is not None:

@@ -74,9 +74,25 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1.0 - alphas
 
 
-def ddim_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
-    """Descending DDIM timesteps ``1 + arange(0, T, T // S)``: S=50 gives 981, 961, ..., 1 (never T-1)."""
-    return (1 + torch.arange(0, num_timesteps, num_timesteps // steps)).clamp(0, num_timesteps - 1).flip(0)
+DDIM_SPACINGS = ("leading", "trailing")
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> torch.Tensor:
+    """Descending DDIM timesteps with stride k = T // S.
+
+    ``leading`` (VGen, the default): ``1 + arange(0, T, k)``: S=50 gives 981, 961, ..., 1 and S=4 751, 501, 251, 1
+    (never T-1: from pure noise the first step starts below the zero-terminal-SNR end). ``trailing`` (Lin et al.,
+    arXiv 2305.08891; diffusers ``timestep_spacing="trailing"``): ``T - 1 - k i`` for i < S: S=50 gives 999, 979, ...,
+    19 -- the consistency-distillation solver grid (:func:`vgen.diffusion.lcm.solver_timesteps`) -- and S=4 999,
+    749, 499, 249, so a few-step DDIM starts where LCM sampling does.
+    """
+    if spacing == "leading":
+        return (1 + torch.arange(0, num_timesteps, num_timesteps // steps)).clamp(0, num_timesteps - 1).flip(0)
+    if spacing == "trailing":
+        if not 1 <= steps <= num_timesteps:
+            raise ValueError(f"DDIM steps must be in [1, {num_timesteps}], got {steps}")
+        return num_timesteps - 1 - torch.arange(steps) * (num_timesteps // steps)
+    raise ValueError(f"unknown DDIM spacing {spacing!r}; valid choices: {', '.join(DDIM_SPACINGS)}")
 
 
 def cosine_sigmas(num_timesteps: int = 1000, cosine_s: float = 0.008) -> torch.Tensor:
