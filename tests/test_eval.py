@@ -341,7 +341,9 @@ def test_two_cpu_ranks_report_what_one_does(assets, tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
-    assert two["metrics"] == one["metrics"]
+    # the features of a video may come from batches of other sizes on 2 ranks: equal up to float summation order
+    assert two["metrics"].keys() == one["metrics"].keys()
+    assert all(two["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9) for k, v in one["metrics"].items())
     strip = [{k: v for k, v in row.items() if k != "video"} for row in one["videos"]]
     assert [{k: v for k, v in row.items() if k != "video"} for row in two["videos"]] == strip
     assert sorted(p.name for p in (tmp_path / "two" / "videos").iterdir()) == \

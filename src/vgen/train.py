@@ -103,11 +103,26 @@ def warn_config_changes(run_config: dict, ckpt_path: str, limit: int = 12) -> No
         return
     changes = config_changes(run_config, saved)
     if changes:
+        # paths that only follow a moved run directory go last, so the settings that changed are the ones named
+        moved = _moved_run_dir(run_config, saved)
+        changes.sort(key=lambda change: moved(change[1], change[2]))
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:limit])
         more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
         log.warning("resume: this run's config differs from the one stored in %s in %d key(s); the values given now "
                     "apply (give the same overrides again to keep the run as it was): %s%s", ckpt_path,
                     len(changes), shown, more)
+
+
+def _moved_run_dir(now: dict, saved: dict):
+    """A predicate: whether a changed value is a path that only follows the run directory (``paths.*`` moved)."""
+    pairs = [(str(saved.get("paths", {}).get(k)), str(now.get("paths", {}).get(k))) for k in ("output_dir", "log_dir")]
+    pairs = [(old, new) for old, new in pairs if old != new and old not in ("None", "") and new not in ("None", "")]
+
+    def moved(old, new) -> bool:
+        return isinstance(old, str) and isinstance(new, str) and any(
+            old.startswith(a) and new == b + old[len(a):] for a, b in pairs)
+
+    return moved
 
 
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
