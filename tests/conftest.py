@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,26 @@ def reference():
 
 def load_reference_json(name: str) -> dict:
     return json.loads((reference_dir() / name).read_text())
+
+
+@functools.cache
+def load_golden(variant: str) -> tuple[dict, dict]:
+    """``(meta, tensors)`` of the golden ``<variant>.json`` / ``<variant>.safetensors`` (read once per session)."""
+    from safetensors.torch import load_file
+
+    return load_reference_json(f"{variant}.json"), load_file(str(reference_dir() / f"{variant}.safetensors"))
+
+
+def golden_model(variant: str, dtype=None):
+    """The original class of the golden ``variant`` built through ``vgen.compat.vgen`` with its recorded weights."""
+    import torch
+
+    from vgen.compat import vgen as compat
+
+    meta, data = load_golden(variant)
+    model = compat.build_unet(meta["class"], meta["constructor_kwargs"]).eval()
+    compat.load_state_dict(model, {k[len("weights."):]: v.float() for k, v in data.items() if k.startswith("weights.")})
+    return model.to(dtype or torch.float32)
 
 
 def compose_unet_config(name: str, *overrides: str):

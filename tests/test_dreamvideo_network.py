@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from conftest import CONF_DIR, compose_unet_config, load_reference_json
+from conftest import CONF_DIR, compose_unet_config, golden_model, load_golden, load_reference_json
 from vgen.compat import vgen as compat
 from vgen.models import UNet3D
 from vgen.models.adapters import adapter_parameter_names, mark_only_adapters_trainable
@@ -26,20 +26,12 @@ JOINT = {"spatial_adapter_list": ["cross_attention"],
          "temporal_adapter_list": ["self_attention", "cross_attention", "feedforward"],
          "temporal_adapter_condition_dim": 64}
 ADAPTER_KWARGS = set(compat._DREAMVIDEO_DEFAULTS)
-_cache: dict = {}
-
-
 def _golden(reference):
-    if "golden" not in _cache:
-        _cache["golden"] = load_reference_json(f"{VARIANT}.json"), load_file(str(reference / f"{VARIANT}.safetensors"))
-    return _cache["golden"]
+    return load_golden(VARIANT)
 
 
 def _golden_model(reference, dtype=torch.float32):
-    meta, data = _golden(reference)
-    model = compat.build_unet(meta["class"], meta["constructor_kwargs"]).eval()
-    compat.load_state_dict(model, {k[len("weights."):]: v.float() for k, v in data.items() if k.startswith("weights.")})
-    return model.to(dtype)
+    return golden_model(VARIANT, dtype)
 
 
 def _golden_inputs(data, case, dtype):

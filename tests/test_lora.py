@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from conftest import load_reference_json
+from conftest import golden_model, load_golden, load_reference_json
 from vgen.compat import vgen as compat
 from vgen.models import UNet3D
 from vgen.models.lora import (
@@ -30,20 +29,12 @@ VARIANT = "instructvideo_lora_unet_tiny"
 TINY = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1,
         "attention_scales": (1.0,), "head_dim": 16, "init_temporal_heads": 2, "context_dim": 64,
         "decoder_context_dim": 64, "dropout": 0.0}
-_cache: dict = {}
-
-
 def _golden(reference):
-    if "golden" not in _cache:
-        _cache["golden"] = load_reference_json(f"{VARIANT}.json"), load_file(str(reference / f"{VARIANT}.safetensors"))
-    return _cache["golden"]
+    return load_golden(VARIANT)
 
 
 def _golden_model(reference, dtype=torch.float32):
-    meta, data = _golden(reference)
-    model = compat.build_unet(meta["class"], meta["constructor_kwargs"]).eval()
-    compat.load_state_dict(model, {k[len("weights."):]: v.float() for k, v in data.items() if k.startswith("weights.")})
-    return model.to(dtype)
+    return golden_model(VARIANT, dtype)
 
 
 def _case(data, dtype):
