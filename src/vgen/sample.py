@@ -71,15 +71,21 @@ class UsageError(ValueError):
     pass
 
 
-def parse_args(argv: list[str]) -> dict[str, str]:
+def key_values(argv: list[str], options, prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """``key=value`` arguments -> dict; a key must be one of ``options`` or start with one of ``prefixes``."""
     args = {}
     for item in argv:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UsageError(f"expected key=value, got {item!r}; keys: {', '.join(OPTIONS)}")
-        if key not in OPTIONS and not (key.startswith("condition.") and key != "condition."):
-            raise UsageError(f"unknown key {key!r}; valid keys: {', '.join(OPTIONS)}")
+            raise UsageError(f"expected key=value, got {item!r}; keys: {', '.join(options)}")
+        if key not in options and not any(key.startswith(p) and key != p for p in prefixes):
+            raise UsageError(f"unknown key {key!r}; valid keys: {', '.join(options)}")
         args[key] = value
+    return args
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    args = key_values(argv, OPTIONS, prefixes=("condition.",))
     missing = [k for k in REQUIRED if k not in args]
     if not any(k in args for k in ("checkpoint", "subject", "motion")):
         missing.insert(0, "checkpoint")

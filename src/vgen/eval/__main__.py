@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vgen.sample import MAX_FRAMES, MAX_SIZE, UsageError, _bool, _float, _int
+from vgen.sample import MAX_FRAMES, MAX_SIZE, UsageError, _bool, _float, _int, key_values
 
 OPTIONS = {
     "checkpoint": "training checkpoint to sample from: a .ckpt file or a sharded directory (or give videos=)",
@@ -61,14 +61,7 @@ USAGE = "usage: python -m vgen.eval checkpoint=<ckpt> | videos=<dir> prompts=<fi
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
-    args = {}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"expected key=value, got {item!r}; keys: {', '.join(OPTIONS)}")
-        if key not in OPTIONS:
-            raise UsageError(f"unknown key {key!r}; valid keys: {', '.join(OPTIONS)}")
-        args[key] = value
+    args = key_values(argv, OPTIONS)
     missing = [k for k in REQUIRED if k not in args]
     if missing:
         raise UsageError(f"missing required {', '.join(missing)}; {USAGE}")
