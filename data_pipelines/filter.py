@@ -23,7 +23,6 @@ Parallel and resumable: {slurm} Here the shards are the input shards.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from collections import Counter
@@ -37,15 +36,10 @@ from vgen.data.shardio import (
     ToolParser,
     add_work_arguments,
     atomic_write,
-    expand_inputs,
-    fail,
     report_failed,
-    run_shards,
+    run_annotation,
     shard_samples,
-    split_failed,
     tar_bytes,
-    task_shards,
-    write_report,
 )
 from vgen.data.stream import UNSAFE_EXTENSIONS
 from vgen.data.video import VIDEO_EXTENSIONS
@@ -142,18 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{bound.replace('_', '-')}", type=float, help=f"{bound.replace('_', ' ')} ({what})")
     add_work_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        urls = expand_inputs(args.input)
-    except FileNotFoundError as error:
-        fail(parser.prog, str(error))
-    names = [Path(url).name for url in urls]
-    if len(set(names)) != len(names):
-        parser.error("input shards must have distinct file names (each gives the output shard of that name)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    shards = task_shards(len(urls), args.shard_range)
-    results = run_shards(functools.partial(filter_shard, urls=urls, args=args), shards, args.workers)
-    written, failed = split_failed(results)
-    report = write_report(args.out, "filter_stats.json", merge)
+    written, shards, report, failed = run_annotation(parser.prog, parser, args, filter_shard, "filter_stats.json",
+                                                     merge)
     print(f"filter: wrote {len(written)} of shards {shards.start}..{shards.stop - 1} to {args.out}; all shards so "
           f"far: kept {report['kept']}, dropped {report['dropped']} -> {args.out / 'filter_stats.json'}")
     report_failed(parser.prog, failed)

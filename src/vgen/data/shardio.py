@@ -217,10 +217,11 @@ def merge_added(sidecars: list[dict]) -> dict:
 
 
 def run_annotation(prog: str, parser: argparse.ArgumentParser, args, shard: Callable[..., dict | None],
-                   report_name: str) -> tuple[list[dict], range, dict, list[dict]]:
+                   report_name: str, merge: Callable[[list[dict]], dict] | None = None,
+                   ) -> tuple[list[dict], range, dict, list[dict]]:
     """The shared main of the annotating tools: expand ``args.input`` (distinct names: each gives the output shard
     of that name), run ``shard(index, urls=..., args=...)`` over this task's shards with ``args.workers``, merge
-    the sidecars into ``args.out/report_name``. Returns ``(written, shards, report, failed)``; call
+    the sidecars into ``args.out/report_name`` (with ``merge``, default :func:`merge_added`). Returns ``(written, shards, report, failed)``; call
     :func:`report_failed` after printing."""
     import functools
 
@@ -235,7 +236,7 @@ def run_annotation(prog: str, parser: argparse.ArgumentParser, args, shard: Call
     shards = task_shards(len(urls), args.shard_range)
     results = run_shards(functools.partial(shard, urls=urls, args=args), shards, args.workers)
     written, failed = split_failed(results)
-    return written, shards, write_report(args.out, report_name, merge_added), failed
+    return written, shards, write_report(args.out, report_name, merge or merge_added), failed
 
 
 def quantiles(values: list[float]) -> dict:
