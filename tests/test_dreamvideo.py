@@ -257,10 +257,12 @@ def test_sampling_composes_motion_and_subject_with_appearance_and_inversion(step
     assert not torch.equal(with_image, other)
 
 
-def test_a_stage_that_trains_nothing_is_refused(tmp_path):
+def test_a_stage_that_trains_nothing_is_refused(folders, tmp_path):
     with pytest.raises(ValueError, match="trains nothing"):
-        run_training(["experiment=dreamvideo_subject_step1", "debug=tiny", f"paths.log_dir={tmp_path}",
-                      "stage.placeholder.train=false", "stage.placeholder.token=null"], tmp_path / "r")
+        run_training(_overrides("dreamvideo_subject_step1", tmp_path, f"data.root={folders['subject']}",
+                                "data.num_frames=1", "data.caption=a dog", "stage.placeholder.train=false",
+                                "stage.placeholder.token=null"),
+                     tmp_path / "r")
 
 
 # ------------------------------------------------------------------ 2 ranks (DDP, FSDP2) match one process

@@ -32,7 +32,7 @@ from vgen.callbacks.preemption import (
     resume_after_requeue,
     slurm_job_id,
 )
-from vgen.launch.run_id import persistent_run_id
+from vgen.launch.run_id import drop_foreign_wandb_service, persistent_run_id
 from vgen.launch.sbatch import LaunchError, shard_ranges
 
 PY = sys.executable
@@ -144,6 +144,17 @@ def test_wandb_run_id_is_created_once_and_reused(tmp_path):
     path.write_text("not an id!\n")
     with pytest.raises(ValueError, match="logger.wandb.run_id_file"):
         persistent_run_id(path)
+
+
+def test_a_wandb_service_started_by_another_process_is_not_used(monkeypatch):
+    """The submitting process's service (inherited through the job's environment) is dropped; this process's own
+    service is kept. The 2-node requeue test below submits its jobs with such a foreign token."""
+    foreign = "3-1-unix-/tmp/wandb-submitting-shell.sock"
+    monkeypatch.setenv("WANDB_SERVICE", foreign)
+    assert drop_foreign_wandb_service() == foreign and "WANDB_SERVICE" not in os.environ
+    own = f"3-{os.getpid()}-unix-/tmp/wandb-this-process.sock"
+    monkeypatch.setenv("WANDB_SERVICE", own)
+    assert drop_foreign_wandb_service() is None and os.environ["WANDB_SERVICE"] == own
 
 
 def test_requeued_job_resumes_from_its_own_checkpoint(tmp_path, monkeypatch):
@@ -268,6 +279,9 @@ def cluster():
 def job_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONFAULTHANDLER="1", HYDRA_FULL_ERROR="1")
+    # as when the submitting shell had used wandb (CI: this pytest process, after the W&B tests): the jobs inherit
+    # the address of a service that is not theirs, which a requeued job must not use (its old run is still open)
+    env["WANDB_SERVICE"] = "3-1-unix-/tmp/wandb-submitting-shell.sock"
     return env
 
 

@@ -26,6 +26,7 @@ from vgen.callbacks.preemption import resume_after_requeue, slurm_plugins
 from vgen.checkpoint.safe_load import CheckpointError
 from vgen.config import CONF_DIR, ConfigError, build_or_exit, exit_with, precheck_overrides
 from vgen.data.errors import DataError, data_error_message
+from vgen.launch.run_id import drop_foreign_wandb_service
 from vgen.training.checkpointing import AtomicCheckpointIO, resolve_resume, stored_config
 
 log = logging.getLogger("vgen.train")  # not __main__ under python -m
@@ -288,6 +289,7 @@ def _kill_loader_workers() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
+    drop_foreign_wandb_service()  # e.g. the submitting shell's: a requeued job would find its old run still open
     _route_lightning_logs()
     _hold_file_log()
     atexit.register(_kill_loader_workers)  # runs before multiprocessing's handler (registered at its import)

@@ -38,9 +38,31 @@ def persistent_run_id(path: str | Path) -> str:
     return run_id
 
 
+_SERVICE_TOKEN = re.compile(r"\d+-(\d+)-")
+
+
+def drop_foreign_wandb_service() -> str | None:
+    """Forget a W&B service that another process started; returns the dropped token.
+
+    wandb keeps the address of its service process in ``WANDB_SERVICE``, which children inherit. A job submitted
+    from a shell (or notebook, or test process) that had used wandb would connect to *that* service: unreachable
+    from another node, and on one host it still holds the killed job's run open, so the requeued job that resumes
+    the run id is refused ("run ID ... is in use"). A training process therefore starts its own service unless
+    the inherited one was started by this very process (token ``<version>-<pid>-...``).
+    """
+    token = os.environ.get("WANDB_SERVICE")
+    if not token:
+        return None
+    match = _SERVICE_TOKEN.match(token)
+    if match and int(match.group(1)) == os.getpid():
+        return None
+    del os.environ["WANDB_SERVICE"]
+    return token
+
+
 def resumable_wandb_logger(run_id_file: str | Path, **kwargs) -> WandbLogger:
     """``WandbLogger(**kwargs)`` that resumes the run whose id is in ``run_id_file`` (``resume="allow"``)."""
     return WandbLogger(id=persistent_run_id(run_id_file), resume="allow", **kwargs)
 
 
-__all__ = ["persistent_run_id", "resumable_wandb_logger"]
+__all__ = ["drop_foreign_wandb_service", "persistent_run_id", "resumable_wandb_logger"]
