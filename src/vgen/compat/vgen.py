@@ -53,7 +53,7 @@ _ORIGINAL_LORA_KEY = re.compile(r"^(.*)\.to_(q|k|v|out)_lora\.(down|up)_linear\.
 # (dead branches, training-time flags, bookkeeping). They are accepted and ignored, as the original does.
 _INERT_KWARGS = frozenset({
     "context_embedding_depth", "black_image_feature",
-    "config", "hist_dim", "dim_condition", "temporal_attn_times", "use_checkpoint", "use_sim_mask", "training",
+    "config", "hist_dim", "dim_condition", "temporal_attn_times", "use_sim_mask", "training",
     "inpainting", "p_all_zero", "p_all_keep", "zero_y", "adapter_transformer_layers_unused", "upper_len",
     "default_fps", "misc_dropout", "use_scale_shift_norm", "concat_dim", "y_dim_unused",
 })
@@ -80,7 +80,7 @@ _OWN_DEFAULTS = {"UNetSD_LoRA": _LORA_DEFAULTS, "UNetSD_DreamVideo": _DREAMVIDEO
 _ORIGINAL_DEFAULTS = {
     "in_dim": 4, "dim": 512, "y_dim": 512, "context_dim": 512, "out_dim": 6, "num_tokens": 4, "dim_mult": [1, 2, 3, 4], "num_heads": None,
     "head_dim": 64, "num_res_blocks": 3, "attn_scales": [1 / 2, 1 / 4, 1 / 8], "dropout": 0.1, "temporal_attention": True,
-    "use_image_dataset": False, "use_fps_condition": False, "adapter_transformer_layers": 1,
+    "use_image_dataset": False, "use_fps_condition": False, "adapter_transformer_layers": 1, "use_checkpoint": False,
 }
 _CLASS_DEFAULTS = {"UNetSD_I2VGen": {"in_dim": 7}, "UNetSD_SR600": {"in_dim": 7},
                    "UNetSD_HiGen": {"num_tokens": 16, "context_embedding_depth": 4}}
@@ -226,7 +226,8 @@ def unet_config_from_original(class_name: str, constructor_kwargs: Mapping) -> U
         temporal_identity_for_stills=class_name == "UNetSD_HiGen",
         resample="sr600" if class_name == "UNetSD_SR600" else "standard",
         skip_filters=((1.1, 0.6), (1.2, 0.4)) if class_name == "UNetSD_SR600" else (),
-        gradient_checkpointing=False,
+        # the original wraps each ResBlock / SpatialTransformer / TemporalTransformer in checkpoint_wrapper
+        gradient_checkpointing=bool(kw["use_checkpoint"]),
     )
 
 

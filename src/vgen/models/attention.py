@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgen.models.fastpath import FAST, SMALL_ATTENTION_KEYS
+
 BACKENDS = ("auto", "sdpa", "xformers", "naive")
 # CUDA kernels reject very large batch grids; chunking over the batch axis is numerically identical.
 MAX_ATTENTION_BATCH = 32768
@@ -52,7 +54,8 @@ def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q, k, v: [B, heads, N, d] -> [B, heads, N, d]."""
     backend = _backend
-    if backend == "naive":
+    if backend == "naive" or (backend == "auto" and FAST.small_attention_bmm and not q.is_cuda
+                              and k.shape[-2] <= SMALL_ATTENTION_KEYS):
         return _naive(q, k, v)
     if backend in ("auto", "xformers") and q.is_cuda:
         xops = _xformers_ops()
@@ -73,7 +76,7 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = (u.reshape(b, u.shape[1], heads, d).transpose(1, 2) for u in (q, k, v))
-    if b * heads > MAX_ATTENTION_BATCH:
+    if b * heads > MAX_ATTENTION_BATCH and (q.is_cuda or not FAST.small_attention_bmm):
         step = max(1, MAX_ATTENTION_BATCH // heads)
         out = torch.cat([_kernel(q[i : i + step], k[i : i + step], v[i : i + step]) for i in range(0, b, step)])
     else:
@@ -97,6 +100,16 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, N, dim]; ``context`` [B, M, context_dim], or [B / F, M, context_dim]: one clip's context
+        shared by F consecutive rows of ``x`` (its frames), projected once and attended to by all of them."""
         source = x if context is None else context
-        out = multihead_attention(self.to_q(x), self.to_k(source), self.to_v(source), self.heads)
+        q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
+        b, n = x.shape[:2]
+        if source.shape[0] != b:  # a clip's keys/values serve all its frames: per-query softmax, so fold them
+            clips = source.shape[0]
+            if clips == 0 or b % clips:
+                raise ValueError(f"context batch {clips} does not divide the query batch {b}")
+            out = multihead_attention(q.reshape(clips, (b // clips) * n, -1), k, v, self.heads).reshape(b, n, -1)
+        else:
+            out = multihead_attention(q, k, v, self.heads)
         return self.to_out(out)

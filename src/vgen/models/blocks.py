@@ -19,6 +19,7 @@ from torch import nn
 
 from vgen.diffusion.embedding import sinusoidal_embedding
 from vgen.models.attention import Attention, multihead_attention
+from vgen.models.fastpath import FAST
 
 
 def fold_frames(x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +104,34 @@ class SpatialTransformer(nn.Module):
         return x.transpose(1, 2).reshape(n, c, h, w) + residual
 
 
+class TemporalConv(nn.Conv3d):
+    """``Conv3d`` with kernel (3, 1, 1) over ``[B, C, F, H, W]``; with ``FAST.temporal_conv_2d`` it runs as the
+    equivalent 2-D convolution (kernel (3, 1)) on the ``[B, C, F, H*W]`` view. Same parameters as ``Conv3d``."""
+
+    def __init__(self, channels: int, out_channels: int | None = None):
+        super().__init__(channels, out_channels or channels, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not FAST.temporal_conv_2d or x.ndim != 5:
+            return super().forward(x)
+        b, _, f, h, w = x.shape
+        out = F.conv2d(x.reshape(b, x.shape[1], f, h * w), self.weight.squeeze(-1), self.bias, padding=(1, 0))
+        return out.view(b, out.shape[1], f, h, w)
+
+
+class PointwiseConv1d(nn.Conv1d):
+    """1x1 ``Conv1d`` over ``[N, C, L]``; ``channels_last=True`` applies the same weights as a linear layer to
+    ``[N, L, C]`` tokens. Same parameters as ``Conv1d(in, out, 1)``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        if channels_last:
+            return F.linear(x, self.weight.squeeze(-1), self.bias)
+        return super().forward(x)
+
+
 class TemporalTransformer(nn.Module):
     """Transformer over the frames at each spatial position (self-attention only).
 
@@ -120,9 +149,9 @@ class TemporalTransformer(nn.Module):
         self.identity_for_stills = False  # HiGen: the identity on single frames (its residual branch times 0)
         inner = heads * head_dim
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Conv1d(channels, inner, 1)
+        self.proj_in = PointwiseConv1d(channels, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None)])
-        self.proj_out = nn.Conv1d(inner, channels, 1)
+        self.proj_out = PointwiseConv1d(inner, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
@@ -131,13 +160,20 @@ class TemporalTransformer(nn.Module):
             return x
         video = unfold_frames(x, num_frames)  # [B, C, F, H, W]
         b, c, f, h, w = video.shape
-        tokens = self.norm(video).permute(0, 3, 4, 1, 2).reshape(b * h * w, c, f)
-        tokens = self.proj_in(tokens).transpose(1, 2)  # [(B H W), F, inner]
+        if FAST.channels_last_temporal:
+            tokens = self.norm(video).permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)
+            tokens = self.proj_in(tokens, channels_last=True)  # [(B H W), F, inner]
+        else:
+            tokens = self.norm(video).permute(0, 3, 4, 1, 2).reshape(b * h * w, c, f)
+            tokens = self.proj_in(tokens).transpose(1, 2)  # [(B H W), F, inner]
         if self.position == "sinusoidal":
             frames = torch.arange(f, device=tokens.device)
             tokens = tokens + sinusoidal_embedding(frames, tokens.shape[-1], dtype=torch.float32).to(tokens.dtype)
         for block in self.transformer_blocks:
             tokens = block(tokens)
+        if FAST.channels_last_temporal:  # [(B H W), F, C] -> [B, F, C, H, W] = the folded layout's order
+            out = self.proj_out(tokens, channels_last=True).view(b, h, w, f, c).permute(0, 3, 4, 1, 2)
+            return (out + x.reshape(b, f, c, h, w)).reshape(b * f, c, h, w)
         tokens = self.proj_out(tokens.transpose(1, 2))  # [(B H W), C, F]
         out = tokens.reshape(b, h, w, c, f).permute(0, 3, 4, 1, 2) + video
         return fold_frames(out)
@@ -153,7 +189,7 @@ class TemporalConvBlock(nn.Module):
             layers = [nn.GroupNorm(32, channels), nn.SiLU()]
             if with_dropout:
                 layers.append(nn.Dropout(dropout))
-            layers.append(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+            layers.append(TemporalConv(channels))
             return nn.Sequential(*layers)
 
         self.conv1 = stage(False)

@@ -35,6 +35,7 @@ from vgen.models.blocks import (
 from vgen.models.conditions import ConditionError, EmbeddingMLP, TextPooling, UNetDims, build_condition
 from vgen.models.conditions.base import architecture_spec
 from vgen.models.conditions.standard import sinusoid_for
+from vgen.models.fastpath import FAST
 from vgen.models.fourier import fourier_filter
 
 RESAMPLE_MODES = ("standard", "sr600")
@@ -341,7 +342,11 @@ class UNet3D(nn.Module):
                           else x.new_zeros(b, self.config.concat_channels, *x.shape[2:]))
         if concat:
             x = torch.cat([x, *concat], dim=1)
-        context = torch.cat([torch.cat(tokens, dim=1).repeat_interleave(f, dim=0), *frame_tokens], dim=1)
+        clip_tokens = torch.cat(tokens, dim=1)
+        if FAST.clip_context and not frame_tokens:  # [B, L, D]: cross-attention projects it once per clip
+            context = clip_tokens
+        else:  # the original: the clip's tokens repeated for every frame, [(B F), L, D]
+            context = torch.cat([clip_tokens.repeat_interleave(f, dim=0), *frame_tokens], dim=1)
         emb = emb.repeat_interleave(f, dim=0)
         for per_frame in frame_emb:  # [B, F, D] -> rows (b0 f0, b0 f1, ..., b1 f0, ...)
             emb = emb + per_frame.reshape(b * f, -1)

@@ -406,7 +406,8 @@ class DiffusionStage(FrozenEncoding, L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+        optimizer = build_optimizer(params, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay,
+                                    cfg.implementation)
         factor = warmup_decay_lambda(cfg.warmup_steps, cfg.total_steps, cfg.decay, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -151,7 +151,8 @@ class DreamVideoStage(DiffusionStage):
         from vgen.training.optim import build_optimizer, warmup_decay_lambda
 
         cfg = self.optim_cfg
-        optimizer = build_optimizer(self.trainable_parameters(), cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+        optimizer = build_optimizer(self.trainable_parameters(), cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay,
+                                    cfg.implementation)
         factor = warmup_decay_lambda(cfg.warmup_steps, cfg.total_steps, cfg.decay, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

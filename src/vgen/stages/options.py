@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from vgen.training.optim import DECAY_MODES
+from vgen.training.optim import DECAY_MODES, IMPLEMENTATIONS
 
 # VGen's unconditional text for classifier-free guidance (the only copy: configs say null for "this one").
 NEGATIVE_PROMPT = ("Distorted, discontinuous, Ugly, blurry, low resolution, motionless, static, disfigured, "
@@ -75,9 +75,11 @@ class OptimOptions:
     decay: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.0  # final LR fraction of the peak
     total_steps: int = 1_000_000  # decay horizon
+    implementation: str = "auto"  # AdamW kernels: auto (= foreach) | loop | foreach | fused
 
     def __post_init__(self):
         _number("optim", "lr", self.lr, 0, low_open=True)
+        _choice("optim", "implementation", self.implementation, IMPLEMENTATIONS)
         if len(tuple(self.betas)) != 2:
             raise OptionError(f"stage.optim.betas must be two numbers, got {self.betas!r}")
         for beta in self.betas:

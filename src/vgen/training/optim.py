@@ -10,11 +10,20 @@ import torch
 DECAY_MODES = ("constant", "cosine", "linear")
 
 
+IMPLEMENTATIONS = ("auto", "loop", "foreach", "fused")
+
+
 def build_optimizer(params: Iterable, lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-8,
-                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
+                    weight_decay: float = 0.0, implementation: str = "auto") -> torch.optim.Optimizer:
+    """AdamW. ``implementation``: ``loop`` (one parameter at a time: torch's CPU default), ``foreach`` (multi-tensor
+    kernels), ``fused`` (one fused kernel per dtype/device), or ``auto`` = ``foreach`` (every strategy, DTensor
+    shards included). All give the same update up to float rounding and save the same state layout."""
     if lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {lr}")
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"optim.implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
+    options = {"loop": {"foreach": False}, "fused": {"fused": True}}.get(implementation, {"foreach": True})
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **options)
 
 
 def warmup_decay_lambda(warmup_steps: int, total_steps: int, decay: str = "constant", min_ratio: float = 0.0):

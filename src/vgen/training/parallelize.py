@@ -46,9 +46,20 @@ def shard_unet(unet: nn.Module, mesh, precision: str = "32-true", reshard_after_
     return unet
 
 
+# One compiled graph per block shape: a full UNet has ~15 ResBlock shapes, more than dynamo's default limit of 8
+# recompilations per code object (past it a block silently runs eagerly).
+RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(unet: nn.Module) -> nn.Module:
-    """``torch.compile`` every block in place (idempotent)."""
+    """``torch.compile`` every block in place (idempotent), with static shapes.
+
+    Static: each block shape gets its own graph (the blocks of one class share a code object, so dynamo would
+    otherwise turn to dynamic shapes after the second shape, which inductor's CPU backend fails on for these
+    blocks in torch 2.14). Raises dynamo's recompilation limit to :data:`RECOMPILE_LIMIT` for the same reason.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in unet_blocks(unet):
         if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile()
+            block.compile(dynamic=False)
     return unet
