@@ -37,7 +37,7 @@ def compose_demo(data_dir: Path, log_dir: Path, steps: int) -> object:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=[
-            "experiment=demo", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}", f"trainer.max_steps={steps}",
+            "experiment=demo", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}", f"paths.output_dir={log_dir}/run", f"trainer.max_steps={steps}",
             "data.num_workers=0", "callbacks.checkpoint=null", "callbacks.sample_videos=null",
             "callbacks.evaluation.enabled=false", "resume=null"])
 
@@ -113,9 +113,15 @@ def bare_run(cfg, batches: list[dict]) -> float:
 WARMUP = 5
 
 
+def _fail(prog: str, message: str):
+    print(f"{prog}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     global WARMUP
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: _fail("lightning_overhead", message)  # one line, no usage dump
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
@@ -136,7 +142,7 @@ def main() -> None:
             bare.append(bare_run(cfg, batches))
     ratio = statistics.median(lightning) / statistics.median(bare)
     print(f"demo stage, {args.steps} timed steps per run after {args.warmup} warm-up, {args.rounds} alternating rounds")
-    print(f"| loop | per step (s), each round | median (s) |\n| --- | --- | ---: |")
+    print("| loop | per step (s), each round | median (s) |\n| --- | --- | ---: |")
     print(f"| vgen.train Trainer (callbacks, W&B offline) | {', '.join(f'{s:.3f}' for s in lightning)} | "
           f"{statistics.median(lightning):.3f} |")
     print(f"| bare PyTorch loop | {', '.join(f'{s:.3f}' for s in bare)} | {statistics.median(bare):.3f} |")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -129,7 +130,7 @@ def measure(width: int, args, ablation: bool) -> None:
     compile_s = None
     for cfg in configs:  # warm-up: first-touch allocations; compilation for the compiled configuration
         with configure(cfg, compiled):
-            seconds = timed(lambda: run_step(model, batch, optimizers[cfg.optimizer]))
+            seconds = timed(lambda opt=optimizers[cfg.optimizer]: run_step(model, batch, opt))
             if cfg.compiled:
                 model.eval()
                 with torch.no_grad():
@@ -140,7 +141,7 @@ def measure(width: int, args, ablation: bool) -> None:
         for cfg in configs:
             with configure(cfg, compiled):
                 model.train()
-                cfg.step_s.append(timed(lambda: run_step(model, batch, optimizers[cfg.optimizer])))
+                cfg.step_s.append(timed(lambda opt=optimizers[cfg.optimizer]: run_step(model, batch, opt)))
                 model.eval()
                 with torch.no_grad():
                     cfg.infer_s.append(timed(lambda: model(*batch[:2], text=batch[2])))
@@ -166,8 +167,14 @@ def measure(width: int, args, ablation: bool) -> None:
                 print("```")
 
 
+def _fail(prog: str, message: str):
+    print(f"{prog}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: _fail("unet_step", message)  # one line, no usage dump
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64], help="model_channels to measure")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--frames", type=int, default=8)

@@ -18,9 +18,9 @@ PALETTE = {"_target_": "vgen.models.conditions.composer.PaletteTokens", "bins": 
 
 def _unet(**overrides) -> UNet3D:
     torch.manual_seed(0)
-    kwargs = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, head_dim=32, init_temporal_heads=4,
-                  attention_scales=(1.0, 0.5, 0.25), context_dim=48, decoder_context_dim=48, dropout=0.0,
-                  temporal_position="sinusoidal")
+    kwargs = {"model_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1, "head_dim": 32,
+              "init_temporal_heads": 4, "attention_scales": (1.0, 0.5, 0.25), "context_dim": 48,
+              "decoder_context_dim": 48, "dropout": 0.0, "temporal_position": "sinusoidal"}
     unet = UNet3D(**{**kwargs, **overrides})
     with torch.no_grad():  # every weight non-zero: zero-initialised output layers would hide a wrong path
         for p in unet.parameters():

@@ -49,11 +49,24 @@ class GEGLUFeedForward(nn.Module):
 class _GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = _ValueGateLinear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
+        value, gate = self.proj(x, split=FAST.split_geglu)
         return value * F.gelu(gate)
+
+
+class _ValueGateLinear(nn.Linear):
+    """``Linear(dim, 2 * hidden)`` whose output halves are GEGLU's value and gate. ``split=True`` computes them
+    as two products with the weight's halves: two contiguous outputs, where the halves of one output are strided
+    views that GELU and its backward handle much more slowly on CPU. Same parameters either way."""
+
+    def forward(self, x: torch.Tensor, split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if not split:
+            return super().forward(x).chunk(2, dim=-1)
+        half = self.out_features // 2
+        bias = (None, None) if self.bias is None else (self.bias[:half], self.bias[half:])
+        return F.linear(x, self.weight[:half], bias[0]), F.linear(x, self.weight[half:], bias[1])
 
 
 class TransformerBlock(nn.Module):

@@ -13,6 +13,9 @@ shape of the operations differ, so results agree to float rounding, not bit for 
 * ``small_attention_bmm``: on CPU, attention whose keys are at most ``SMALL_ATTENTION_KEYS`` long (temporal
   attention over the frames) runs as plain ``bmm`` + softmax, which beats SDPA's CPU kernel at these lengths;
   the batch chunking that works around a CUDA grid limit is skipped on CPU.
+* ``split_geglu``: the feed-forward's GEGLU projection computes its value and gate halves as two products with
+  the weight's halves (two contiguous tensors) instead of one product split into two strided views, which GELU
+  and its backward process far more slowly on CPU.
 
 ``reference_order()`` turns all of them off: the computation order of the original VGen code.
 """
@@ -32,6 +35,7 @@ class FastPaths:
     clip_context: bool = True
     channels_last_temporal: bool = True
     small_attention_bmm: bool = True
+    split_geglu: bool = True
 
 
 FAST = FastPaths()

@@ -16,8 +16,10 @@ IMPLEMENTATIONS = ("auto", "loop", "foreach", "fused")
 def build_optimizer(params: Iterable, lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-8,
                     weight_decay: float = 0.0, implementation: str = "auto") -> torch.optim.Optimizer:
     """AdamW. ``implementation``: ``loop`` (one parameter at a time: torch's CPU default), ``foreach`` (multi-tensor
-    kernels), ``fused`` (one fused kernel per dtype/device), or ``auto`` = ``foreach`` (every strategy, DTensor
-    shards included). All give the same update up to float rounding and save the same state layout."""
+    kernels on CUDA; on CPU torch runs them as the same per-tensor loop), ``fused`` (one fused kernel per
+    dtype/device, CPU and CUDA; Lightning refuses it together with gradient clipping under mixed precision), or
+    ``auto`` = ``foreach`` (every strategy and precision). All give the same update up to float rounding and save
+    the same state layout, so a run may resume under another implementation."""
     if lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {lr}")
     if implementation not in IMPLEMENTATIONS:
