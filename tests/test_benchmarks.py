@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import REPO
+from vgen.models.fastpath import NAMES
 
 SCRIPTS = REPO / "benchmarks"
 
@@ -52,6 +53,6 @@ def test_unet_step_smoke_size_compares_the_two_orders():
     assert float(diff.split("difference| ")[1].split()[0]) < 1e-4
     rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
     names = [row.split("|")[1].strip() for row in rows]
-    assert names[:2] == ["reference op order (original)", "fast"] and len(names) == 2 + 4 + 1
+    assert names[:2] == ["reference op order (original)", "fast"] and len(names) == 2 + len(NAMES) + 1
     bad = run("unet_step.py", "--rounds", "0")
     assert bad.returncode == 2 and "--rounds" in bad.stderr.strip().splitlines()[-1]
