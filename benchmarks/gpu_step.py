@@ -20,7 +20,6 @@ A configuration that fails (out of memory, xformers missing) is reported as such
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_cli import parser as one_line_parser
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense peak TFLOPS (no sparsity) by device-name substring: (bf16/fp16, fp32 matmuls as TF32).
@@ -190,14 +190,8 @@ def measure(args, strategy: str, attention: str, precision: str, compiled: bool,
     return row
 
 
-def _fail(prog: str, message: str):
-    print(f"{prog}: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: _fail("gpu_step", message)  # one line, no usage dump
+    parser = one_line_parser(__doc__)
     parser.add_argument("--model", default="t2v", choices=sorted(TINY))
     parser.add_argument("--tiny", action="store_true", help="the *_tiny UNet of the same layout (CPU smoke runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))

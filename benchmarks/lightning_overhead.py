@@ -17,7 +17,6 @@ per-step times.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from bench_cli import parser as one_line_parser
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -113,15 +113,9 @@ def bare_run(cfg, batches: list[dict]) -> float:
 WARMUP = 5
 
 
-def _fail(prog: str, message: str):
-    print(f"{prog}: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main() -> None:
     global WARMUP
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: _fail("lightning_overhead", message)  # one line, no usage dump
+    parser = one_line_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")

@@ -16,13 +16,12 @@ the fast path without compilation. ``--profile`` prints the top operators of one
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+from bench_cli import parser as one_line_parser
 
 from vgen.models import UNet3D
 from vgen.models.fastpath import NAMES, fast_paths, reference_order
@@ -167,14 +166,8 @@ def measure(width: int, args, ablation: bool) -> None:
                 print("```")
 
 
-def _fail(prog: str, message: str):
-    print(f"{prog}: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = lambda message: _fail("unet_step", message)  # one line, no usage dump
+    parser = one_line_parser(__doc__)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64], help="model_channels to measure")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--frames", type=int, default=8)
